@@ -154,6 +154,8 @@ class DataConfig:
     """Corrupt/missing shard or sample: stop with an error, or skip it with a counted warning."""
     check_tokenizer: bool = True
     """Refuse shards whose manifest tokenizer hash differs from the run's tokenizer."""
+    verify_checksums: bool = False
+    """Check each shard's sha256 against the manifest before reading it (local files only)."""
     targets_per_document: int = 1
     """Target positions t drawn per document (paper: one, uniformly at random)."""
     min_prefix_tokens: int = 16
@@ -615,6 +617,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("objective.rl_weight and objective.ntp_weight must be >= 0")
     if o.rl_weight == 0 and o.ntp_weight == 0:
         raise ConfigError("objective.rl_weight and objective.ntp_weight are both 0: nothing to train")
+    if o.rl_weight == 0 and o.ntp_every > 1:
+        raise ConfigError(
+            "objective.rl_weight=0 with objective.ntp_every > 1 leaves steps with nothing to "
+            "train; set objective.ntp_every=1 for plain continued pretraining"
+        )
     if not 0 <= cfg.ema.decay < 1:
         raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
     if not cfg.ema.enabled and needs_ema(cfg):

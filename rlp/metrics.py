@@ -113,6 +113,21 @@ class MetricsLogger:
             id=_wandb_id(self.run_dir, run_name),
         )
 
+    def truncate_after(self, step: int) -> None:
+        """Drop ``metrics.jsonl`` rows past ``step`` (a resume replays those steps)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.enabled or not path.exists():
+            return
+        if self._jsonl is not None:
+            self._jsonl.close()
+        kept = [
+            line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        path.write_text("".join(line + "\n" for line in kept))
+        if self.cfg.jsonl:
+            self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record one step's metrics (rank 0) and print a progress line every ``log.every``."""
         if not self.enabled:

@@ -27,17 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from rlp.config import RolloutConfig
+from rlp.data.contexts import Context
 from rlp.model.sampler import Sampler, SamplingParams
 from rlp.tokenizer import Tokenizer
-
-
-@dataclass
-class Context:
-    """One RLP context: the document prefix and the K target tokens that follow it."""
-
-    prefix: list[int]
-    target: list[int]
-    key: str = ""
 
 
 @dataclass
@@ -100,6 +92,7 @@ def sampling_params(tokenizer: Tokenizer, cfg: RolloutConfig) -> SamplingParams:
         stop_sequences=[[tokenizer.think_close_id]],
         eos_id=tokenizer.eos_id,
         forbid_first=forbid,
+        pad_id=tokenizer.pad_id,
     )
 
 
@@ -116,31 +109,17 @@ def generate_rollouts(
     prompts = [build_prompt(c.prefix, system_ids, tokenizer.think_open_id) for c in contexts]
     params = sampling_params(tokenizer, cfg)
     num_thoughts = cfg.num_thoughts
-    thoughts: list[list[int]] = []
-    logps: list[torch.Tensor] = []
-    stopped: list[bool] = []
-    # Decode ``per_call`` prompts at a time so at most ~sample_batch_size rows share a KV cache.
-    per_call = max(1, cfg.sample_batch_size // num_thoughts)
-    for first in range(0, len(prompts), per_call):
-        chunk = prompts[first : first + per_call]
-        batch = sampler.sample(model, chunk, num_thoughts, params, seed=seed + first)
-        order = torch.argsort(batch.prompt_index * num_thoughts + _rank_in_group(batch), stable=True)
-        for row in order.tolist():
-            length = int(batch.lengths[row])
-            thoughts.append(batch.tokens[row, :length].tolist())
-            logps.append(batch.logprobs[row, :length].float().cpu())
-            stopped.append(bool(batch.stopped[row]))
+    # The sampler buckets prompts (at most ``rollout.sample_batch_size`` rows share a KV cache)
+    # and returns rows prompt-major: prompt 0's G thoughts, then prompt 1's, ...
+    batch = sampler.sample(model, prompts, num_thoughts, params, seed=seed)
+    expected = torch.arange(len(prompts)).repeat_interleave(num_thoughts)
+    if not torch.equal(batch.prompt_index.cpu(), expected):
+        raise RuntimeError("sampler rows are not grouped prompt-major; cannot form RLP groups")
+    lengths = batch.lengths.tolist()
+    thoughts = [batch.tokens[row, :n].tolist() for row, n in enumerate(lengths)]
+    logps = [batch.logprobs[row, :n].float().cpu() for row, n in enumerate(lengths)]
+    stopped = batch.stopped.tolist()
     return layout_rollouts(contexts, prompts, thoughts, logps, stopped, tokenizer, cfg)
-
-
-def _rank_in_group(batch) -> torch.Tensor:
-    """Position of each row among the rows of its prompt (keeps sampler order within a group)."""
-    idx = batch.prompt_index
-    ranks = torch.zeros_like(idx)
-    for p in idx.unique():
-        rows = (idx == p).nonzero().flatten()
-        ranks[rows] = torch.arange(len(rows))
-    return ranks
 
 
 def layout_rollouts(
@@ -194,3 +173,22 @@ def baseline_sequences(
     """No-thought sequences for S_ema (Eq. 4): prefix + target, or system prompt + prefix + target."""
     head = list(system_ids) if ema_context == "prompt" else []
     return [[*head, *c.prefix, *c.target] for c in contexts]
+
+
+def rollout_stats(rollout: RolloutBatch, max_thought_tokens: int) -> dict[str, float]:
+    """Thought statistics: length mean/max, cap-hit and ``</think>`` rates, token counts.
+
+    A falling ``thought/len_mean`` with a rising ``thought/close_rate`` is the "no-think"
+    collapse third-party replications hit; a high ``thought/cap_rate`` means the cap binds.
+    """
+    lens = rollout.thought_len.float()
+    return {
+        "thought/len_mean": float(lens.mean()),
+        "thought/len_max": float(lens.max()),
+        "thought/cap_rate": float((~rollout.stopped).float().mean()),
+        "thought/close_rate": float(rollout.closed_by_tag.float().mean()),
+        "thought/tokens": float(lens.sum()),
+        "rollout/sequence_tokens": float(sum(len(s) for s in rollout.sequences)),
+        "rollout/prompt_tokens": float(rollout.prompt_len.sum()),
+        "rollout/max_thought_tokens": float(max_thought_tokens),
+    }

@@ -76,3 +76,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def tensor_digest(tensors: list[torch.Tensor]) -> str:
+    """sha256 over the bytes of ``tensors`` (this rank's shards), for bit-exactness checks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

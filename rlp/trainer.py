@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,16 @@ from rlp.model.logprobs import token_logprobs
 from rlp.model.parallel import initialize_model_parallel
 from rlp.model.sampler import Sampler
 from rlp.objective import combine_losses, ntp_loss, rlp_policy_loss
-from rlp.reward import group_advantages, reward_stats, span_reward
-from rlp.rollout import RolloutBatch, baseline_sequences, generate_rollouts, system_prompt_ids
-from rlp.state import TrainState, capture_rng, restore_rng, seed_everything
+from rlp.reward import group_advantages, reward_stats, span_reward, span_score
+from rlp.rollout import (
+    RolloutBatch,
+    baseline_sequences,
+    generate_rollouts,
+    rollout_stats,
+    system_prompt_ids,
+)
+from rlp.scoring import Scores, micro_batches, score_rollouts
+from rlp.state import TrainState, capture_rng, restore_rng, seed_everything, tensor_digest
 from rlp.tokenizer import Tokenizer, load_tokenizer
 
 REQUEUE_EXIT_CODE = 75
@@ -47,29 +53,6 @@ REQUEUE_EXIT_CODE = 75
 
 class TrainingError(RuntimeError):
     """A run cannot continue (e.g. too many consecutive non-finite steps)."""
-
-
-@dataclass
-class Scores:
-    """No-grad scores of one rollout batch, per micro-batch where shapes are padded."""
-
-    logp_old: list[torch.Tensor]  # per micro-batch [mb, w]: behaviour log-probs (theta_old)
-    logp_ref: list[torch.Tensor] | None  # per micro-batch [mb, w]: EMA log-probs (KL only)
-    s_pred: torch.Tensor  # [n, K] log p_theta(target | prompt, thought)
-    s_ema: torch.Tensor  # [n, K] log p_ema(target | prefix), repeated over the G thoughts
-    consistency: float  # mean exp(|sampled - recomputed|) over thought tokens
-
-
-def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists into ``input_ids[b, w]`` and ``labels[b, w]`` (w = max len - 1)."""
-    width = max(len(s) for s in sequences) - 1
-    inputs = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        t = torch.tensor(seq, dtype=torch.long)
-        inputs[i, : len(seq) - 1] = t[:-1]
-        labels[i, : len(seq) - 1] = t[1:]
-    return inputs, labels
 
 
 class Trainer:
@@ -85,13 +68,18 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         seed_everything(cfg.run.seed + 100 * self.ps.pp_rank)
         self.tokenizer = self._load_tokenizer()
-        self.model = model_build.build_model(cfg.model, self.tokenizer.vocab_size, self.device)
+        self.model = model_build.build_model(
+            cfg.model,
+            self.tokenizer.vocab_size,
+            self.device,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )
         self.ddp = model_optim.wrap_ddp(self.model, cfg.parallel)
         self.optimizer = model_optim.build_optimizer(
             self.ddp, cfg.optim, cfg.parallel, model_build.resolve_dtype(cfg.model, self.device)
         )
         self.ema = EMA() if ema_active(cfg) else None
-        self.sampler = Sampler()
+        self.sampler = Sampler(max_batch_rows=cfg.rollout.sample_batch_size)
         self.stream = RLPDataStream(
             cfg.data.shards,
             cfg.data,
@@ -99,13 +87,14 @@ class Trainer:
             dp_size=self.ps.dp_size,
             seed=cfg.run.seed,
             target_tokens=cfg.reward.target_tokens,
-            tokenizer_hash=self.tokenizer.hash if cfg.data.check_tokenizer else None,
+            tokenizer=self.tokenizer,
         )
         self.system_ids = system_prompt_ids(self.tokenizer, cfg.rollout)
         self.state = TrainState()
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir)
         self._restore_or_init()
         self.signals = SignalFlag() if cfg.checkpoint.save_on_signal else None
+        self._rewards: torch.Tensor | None = None  # last step's rewards, for the sample table
         self.timer = PhaseTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)
         self.logger = MetricsLogger(
             cfg.log,
@@ -116,6 +105,7 @@ class Trainer:
             run_name=cfg.run.name,
             config=cfg.to_dict(),
         )
+        self.logger.truncate_after(self.state.step)
 
     # ---------------------------------------------------------------------------------- setup
 
@@ -194,7 +184,7 @@ class Trainer:
         for _epoch in range(cfg.objective.ppo_epochs):
             with self.timer("loss"):
                 metrics.update(self._loss_and_backward(rollout, scores, ntp_batch))
-            with self.timer("step"):
+            with self.timer("optim"):
                 metrics.update(self._optimizer_step(metrics))
             with self.timer("ema"):
                 self._ema_update()
@@ -219,51 +209,46 @@ class Trainer:
 
     def _score(self, contexts: list, rollout: RolloutBatch) -> Scores:
         cfg = self.cfg
-        num_thoughts, k = rollout.num_thoughts, rollout.target_len
-        logp_old, s_pred = [], []
-        with torch.no_grad():
-            for rows, inputs, labels in self._micro_batches(rollout.sequences):
-                logp = token_logprobs(self.model, inputs, labels)
-                _, target_mask = self._masks(rollout, rows, logp.shape[1])
-                logp_old.append(logp)
-                s_pred.append(logp[target_mask].view(-1, k))
-            if self.ema is not None and not self.ema.initialized:
-                self.ema.initialize(self._params())  # lazy init on the first batch (Alg. 1, l.4)
-            with self._teacher():
-                base = baseline_sequences(contexts, self.system_ids, cfg.reward.ema_context)
-                s_ema = torch.cat([
-                    _last_k(token_logprobs(self.model, inputs, labels), base[rows], k)
-                    for rows, inputs, labels in self._micro_batches(base)
-                ])
-                logp_ref = None
-                if cfg.objective.kl_coef > 0:
-                    logp_ref = [
-                        token_logprobs(self.model, inputs, labels)
-                        for _, inputs, labels in self._micro_batches(rollout.sequences)
-                    ]
-        consistency = self._consistency(rollout, logp_old)
-        return Scores(
-            logp_old=logp_old,
-            logp_ref=logp_ref,
-            s_pred=torch.cat(s_pred),
-            s_ema=s_ema.repeat_interleave(num_thoughts, dim=0),
-            consistency=consistency,
+        if self.ema is not None and not self.ema.initialized:
+            self.ema.initialize(self._params())  # lazy init on the first batch (Alg. 1, line 4)
+        scores = score_rollouts(
+            self.model,
+            rollout,
+            baseline_sequences(contexts, self.system_ids, cfg.reward.ema_context),
+            self._teacher,
+            micro_batch=cfg.objective.thought_micro_batch,
+            pad_id=self.tokenizer.pad_id,
+            device=self.device,
+            with_reference=cfg.objective.kl_coef > 0,
         )
+        if scores.consistency > cfg.rollout.logprob_consistency_alert:
+            dist.print0(
+                f"[rlp] warning: thought log-prob consistency {scores.consistency:.4f} (sampler "
+                "vs teacher-forced recompute) is above rollout.logprob_consistency_alert"
+            )
+        return scores
 
     def _loss_and_backward(
         self, rollout: RolloutBatch | None, scores: Scores | None, ntp_batch
     ) -> dict[str, Any]:
         cfg = self.cfg
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        model_optim.zero_grad(self.ddp, self.optimizer)
         metrics: dict[str, Any] = {}
         rl_loss = torch.zeros(())
         if rollout is not None and scores is not None:
             rewards = span_reward(scores.s_pred, scores.s_ema, cfg.reward)
             groups = rewards.view(rollout.num_contexts, rollout.num_thoughts)
             advantages = group_advantages(groups, cfg.reward).flatten()
-            metrics.update(reward_stats(groups, scores.s_pred, scores.s_ema, advantages))
+            metrics.update(
+                reward_stats(
+                    groups,
+                    advantages.view_as(groups),
+                    s_pred=span_score(scores.s_pred, cfg.reward).view_as(groups),
+                    s_ema=span_score(scores.s_ema, cfg.reward).view_as(groups),
+                )
+            )
             metrics["rollout/logprob_consistency"] = scores.consistency
+            metrics.update(rollout_stats(rollout, cfg.rollout.max_thought_tokens))
             rl_loss, rl_metrics = self._rl_backward(rollout, scores, advantages)
             metrics.update(rl_metrics)
             self._rewards = rewards
@@ -271,6 +256,7 @@ class Trainer:
         if ntp_batch is not None:
             ntp_value = self._ntp_backward(ntp_batch)
             metrics["loss/ntp"] = float(ntp_value)
+            metrics["ntp/tokens"] = float(ntp_batch[1].numel())
         total = combine_losses(rl_loss, ntp_value, cfg.objective, self.state.step)
         metrics["loss/rl"] = float(rl_loss)
         metrics["loss/total"] = float(total)
@@ -282,15 +268,14 @@ class Trainer:
         cfg = self.cfg.objective
         num_rows = rollout.num_rows
         loss_sum = torch.zeros(())
-        sums: dict[str, float] = {}
-        batches = self._micro_batches(rollout.sequences)
-        for i, (rows, inputs, labels) in enumerate(batches):
+        parts: list[tuple[int, dict[str, float]]] = []
+        for i, (rows, inputs, labels) in enumerate(self._micro_batches(rollout.sequences)):
             logp_new = token_logprobs(self.ddp, inputs, labels)
             thought_mask, _ = self._masks(rollout, rows, logp_new.shape[1])
             out = rlp_policy_loss(
                 logp_new,
                 scores.logp_old[i],
-                advantages[rows],
+                advantages[rows].to(logp_new.device),
                 thought_mask,
                 cfg,
                 logp_ref=None if scores.logp_ref is None else scores.logp_ref[i],
@@ -299,11 +284,9 @@ class Trainer:
             # Each DP rank holds the same number of thoughts and Megatron DDP averages gradients
             # over DP, so dividing by the local count gives the global per-thought mean (Eq. 8).
             (cfg.rl_weight * out.loss / num_rows).backward()
-            loss_sum += out.loss.detach()
-            for key, value in out.metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * len(inputs)
-        metrics = {key: value / num_rows for key, value in sums.items()}
-        return loss_sum / num_rows, metrics
+            loss_sum += out.loss.detach().cpu()
+            parts.append((len(inputs), {k: float(v) for k, v in out.metrics.items()}))
+        return loss_sum / num_rows, _merge_micro_batch_metrics(parts)
 
     def _ntp_backward(self, ntp_batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         inputs, labels = ntp_batch
@@ -370,32 +353,13 @@ class Trainer:
         return self.ema.swap_into(self._params())
 
     def _micro_batches(self, sequences: list[list[int]]):
-        """Deterministic right-padded micro-batches: ``(rows, input_ids, labels)``."""
-        mb = self.cfg.objective.thought_micro_batch
-        out = []
-        for first in range(0, len(sequences), mb):
-            rows = slice(first, min(first + mb, len(sequences)))
-            inputs, labels = pad_batch(sequences[rows], self.tokenizer.pad_id)
-            out.append((rows, inputs.to(self.device), labels.to(self.device)))
-        return out
+        return micro_batches(
+            sequences, self.cfg.objective.thought_micro_batch, self.tokenizer.pad_id, self.device
+        )
 
     def _masks(self, rollout: RolloutBatch, rows: slice, width: int):
         thought_mask, target_mask = rollout.label_masks(rows, width)
         return thought_mask.to(self.device), target_mask.to(self.device)
-
-    def _consistency(self, rollout: RolloutBatch, logp_old: list[torch.Tensor]) -> float:
-        """mean exp(|sampled - recomputed|) of thought log-probs (NeMo-RL's consistency check)."""
-        errors = []
-        for i, (rows, _, _) in enumerate(self._micro_batches(rollout.sequences)):
-            thought_mask, _ = self._masks(rollout, rows, logp_old[i].shape[1])
-            recomputed = logp_old[i][thought_mask].float().cpu()
-            sampled = torch.cat(rollout.behaviour_logp[rows])
-            errors.append((recomputed - sampled).abs())
-        value = float(torch.cat(errors).exp().mean())
-        if value > self.cfg.rollout.logprob_consistency_alert:
-            dist.print0(f"[rlp] warning: thought log-prob consistency {value:.4f} (sampler vs "
-                        "recompute) above rollout.logprob_consistency_alert")
-        return value
 
     def _count_tokens(self, rollout, ntp_batch) -> dict[str, Any]:
         dp = self.ps.dp_size
@@ -409,18 +373,22 @@ class Trainer:
         return {}
 
     def _throughput(self, metrics: dict[str, Any], phases: dict[str, float]) -> dict[str, Any]:
+        """Tokens/s per phase, summed over DP ranks (metrics are DP means at this point)."""
+        dp = self.ps.dp_size
         out = {
             "progress/thought_tokens": self.state.thought_tokens,
             "progress/ntp_tokens": self.state.ntp_tokens,
             "progress/input_tokens": self.state.input_tokens,
+            "progress/contexts": self.state.contexts_seen,
             "progress/skipped_steps": self.state.skipped_steps,
         }
-        thoughts = metrics.get("thought/tokens", 0.0) * self.ps.dp_size
-        if phases.get("sample"):
-            out["throughput/sample_tokens_per_s"] = thoughts / phases["sample"]
-        step_time = metrics.get("time/step") or float("nan")
-        tokens = thoughts + metrics.get("ntp/tokens", 0.0) * self.ps.dp_size
-        out["throughput/tokens_per_s"] = tokens / step_time
+        thought = metrics.get("thought/tokens", 0.0) * dp
+        scored = metrics.get("rollout/sequence_tokens", 0.0) * dp
+        ntp = metrics.get("ntp/tokens", 0.0) * dp
+        for name, tokens in (("sample", thought), ("score", scored), ("loss", scored + ntp)):
+            if phases.get(name):
+                out[f"throughput/{name}_tokens_per_s"] = tokens / phases[name]
+        out["throughput/tokens_per_s"] = (thought + ntp) / metrics["time/step"]
         return out
 
     def _sample_rows(self, rollout: RolloutBatch) -> list[dict[str, Any]]:
@@ -470,10 +438,39 @@ class Trainer:
                 "torch": torch.__version__,
             },
             "parameters": model_build.num_parameters(self.model),
+            "weights_digest": self._digest(self._params()),
+            "ema_digest": None if self.ema is None else self._digest(self.ema.params),
         }
 
+    def _digest(self, tensors: list[torch.Tensor]) -> str:
+        """One digest over every rank's shards (equal digests = bit-identical weights)."""
+        import hashlib
 
-def _last_k(logp: torch.Tensor, sequences: list[list[int]], k: int) -> torch.Tensor:
-    """Log-probs of the last k tokens of each right-padded sequence: ``[b, k]``."""
-    idx = torch.tensor([len(s) - 1 for s in sequences]).unsqueeze(1) - k + torch.arange(k)
-    return logp.gather(1, idx.to(logp.device))
+        import torch.distributed as tdist
+
+        local = tensor_digest(tensors)
+        parts = [local]
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            parts = [None] * tdist.get_world_size()
+            tdist.all_gather_object(parts, local)
+        return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def _merge_micro_batch_metrics(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Combine per-micro-batch loss metrics: counts add, extremes take max/min, rates average
+    weighted by rows. The objective's own ``loss/*`` values are replaced by the trainer's."""
+    rows = sum(n for n, _ in parts)
+    out: dict[str, float] = {}
+    for key in parts[0][1]:
+        values = [(n, m[key]) for n, m in parts]
+        if key.startswith("loss/num_"):
+            out[key.replace("loss/", "rl/")] = sum(v for _, v in values)
+        elif key in ("loss/rl", "loss/total"):
+            continue
+        elif key.endswith("max"):
+            out[key] = max(v for _, v in values)
+        elif key.endswith("min"):
+            out[key] = min(v for _, v in values)
+        else:
+            out[key] = sum(n * v for n, v in values) / rows
+    return out

@@ -1,0 +1,397 @@
+"""Checkpoints that survive anything: atomic step directories, ``latest``, retention, resume.
+
+This module owns *when and how* a run's state reaches disk and comes back; the tensor I/O
+(megatron ``dist_checkpointing``, reshardable over TP/DP) is :mod:`rlp.model.sharded`'s, and this
+module never imports megatron. Layout under ``checkpoint.dir``::
+
+    latest                  text: name of the newest complete checkpoint (updated atomically)
+    step_0000010/           one complete checkpoint (see rlp.model.sharded for dist/ + metadata)
+      train_state.json      rank 0's train state, for humans and tools
+      rank_states/rank_00000.pt   per rank: train state (data cursor!) + RNG states
+      config.yaml           the run's resolved config (loads with rlp.config.load_config)
+      tokenizer/            the run's tokenizer files
+    tmp_step_0000020/       a save in progress (or interrupted: removed on the next start)
+
+Save protocol (:meth:`CheckpointManager.save`, collective): rank 0 creates ``tmp_step_N``; all
+ranks write their shards and their own rank file; barrier; rank 0 writes the run files,
+``metadata.json`` and the ``COMPLETE`` marker, renames ``tmp_step_N`` -> ``step_N``, rewrites
+``latest``, then applies retention. A crash at any point leaves the previous checkpoint intact
+and ``latest`` pointing at a complete one. Resume picks the newest directory *with* the marker.
+
+Per-rank state: data cursors differ per DP rank and RNG streams per rank, so every rank stores
+its own; when the world layout changed (TP/DP resharding) they cannot be mapped one-to-one and
+:class:`LoadedCheckpoint` says so (``same_layout=False``).
+
+:class:`SignalFlag` turns SIGTERM/SIGUSR1 into a flag the training loop polls (the handler only
+sets the flag; saving inside a signal handler would re-enter collectives).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from rlp import dist
+from rlp.config import CheckpointConfig
+from rlp.model import sharded
+from rlp.model.sharded import CheckpointError, IncompatibleCheckpointError
+from rlp.state import capture_rng
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "IncompatibleCheckpointError",
+    "LoadedCheckpoint",
+    "SignalFlag",
+]
+
+LATEST_FILE = "latest"
+TRAIN_STATE_FILE = "train_state.json"
+RANK_STATE_DIR = "rank_states"
+CONFIG_FILE = "config.yaml"
+TMP_PREFIX = "tmp_"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :meth:`CheckpointManager.load` restored, and what the caller must restore itself."""
+
+    path: Path
+    step: int
+    metadata: dict[str, Any]
+    train_state: dict[str, Any]
+    """This rank's train state (incl. its data cursor) as passed to ``save``."""
+    rng_state: dict[str, Any] | None
+    """This rank's RNG states in :func:`rlp.state.capture_rng` form (``restore_rng`` them)."""
+    same_layout: bool
+    """False when world/TP/DP sizes differ from the saver's: per-rank state came from
+    ``source_rank``'s file and data cursors / RNG streams do not continue bit-exactly."""
+    source_rank: int
+
+
+def _encode(obj: Any) -> Any:
+    """Make RNG states loadable with ``torch.load(weights_only=True)`` (numpy arrays -> tensors)."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(obj.astype(np.int64)), "dtype": str(obj.dtype)}
+    if isinstance(obj, Mapping):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_encode(v) for v in obj)
+    return obj
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        if "__ndarray__" in obj:
+            return obj["__ndarray__"].numpy().astype(obj["dtype"])
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_decode(v) for v in obj)
+    return obj
+
+
+def _as_dict(config: Any) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _tokenizer_hash(tokenizer_dir: str | Path | None) -> str | None:
+    """sha256 of ``tokenizer.json`` (via :func:`rlp.tokenizer.tokenizer_hash`); None if absent."""
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        return None
+    from rlp.tokenizer import tokenizer_hash
+
+    return tokenizer_hash(tokenizer_dir)
+
+
+def _ema_tensors(ema: Any, ema_state: Any) -> Any:
+    """EMA tensors from an :class:`rlp.ema.EMA`-like object (``.params``) or given directly."""
+    if ema_state is not None:
+        return ema_state
+    if ema is None or not getattr(ema, "initialized", True):
+        return None
+    return ema.params
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes the checkpoints of one run directory.
+
+    ``ckpt_cfg.dir`` is used as given (a relative path is relative to the working directory, like
+    ``run.output_dir`` it is usually built from); ``run_dir`` only supplies the default
+    ``<run_dir>/checkpoints`` when ``ckpt_cfg.dir`` is empty. Construction removes stale
+    ``tmp_*`` directories of interrupted saves (rank 0 only; call it before any save).
+    """
+
+    def __init__(self, ckpt_cfg: CheckpointConfig, run_dir: str | Path | None = None) -> None:
+        if ckpt_cfg.keep_last < 1:
+            raise ValueError("checkpoint.keep_last must be >= 1")
+        self.cfg = ckpt_cfg
+        base = ckpt_cfg.dir or (Path(run_dir) / "checkpoints" if run_dir else "checkpoints")
+        self.root = Path(base)
+        if dist.is_rank0():
+            self.remove_stale()
+
+    # ------------------------------------------------------------------ finding checkpoints
+
+    def should_save(self, step: int) -> bool:
+        """True every ``save_every`` steps (never at step 0; the end of a run is the caller's)."""
+        every = self.cfg.save_every
+        return every > 0 and step > 0 and step % every == 0
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints as ``(step, path)``, oldest first."""
+        return sharded.list_checkpoints(self.root)
+
+    def latest_path(self) -> Path | None:
+        """The newest complete checkpoint (by step, not by the ``latest`` file), or None."""
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def remove_stale(self) -> list[Path]:
+        """Delete ``tmp_*`` directories left by interrupted saves; returns what was removed."""
+        removed = []
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+        return removed
+
+    # ------------------------------------------------------------------ saving
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: torch.nn.Module,
+        optimizer: Any = None,
+        ema: Any = None,
+        ema_state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | None = None,
+        train_state: Mapping[str, Any] | None = None,
+        rng_state: Mapping[str, Any] | None = None,
+        config: Any = None,
+        tokenizer_dir: str | Path | None = None,
+        vocab_size: int | None = None,
+        tokenizer_hash: str | None = None,
+    ) -> Path:
+        """Collective: write checkpoint ``step`` atomically; returns its final path.
+
+        ``ema`` is an :class:`rlp.ema.EMA` (its ``params``; skipped while uninitialised) or pass
+        the tensors as ``ema_state`` (by parameter name, or in ``model.parameters()`` order).
+        ``train_state`` (plain data, may differ per rank: data cursor) and ``rng_state`` (default:
+        :func:`rlp.state.capture_rng` now) go to this rank's own file; megatron's TP RNG streams
+        are added automatically. ``config`` is the run :class:`~rlp.config.Config` (or its dict).
+        """
+        final = self.root / sharded.step_dir_name(step)
+        tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        if dist.is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / RANK_STATE_DIR).mkdir(parents=True)
+        dist.barrier()
+        contents = sharded.save_state(tmp, model=model, optimizer=optimizer,
+                                      ema_state=_ema_tensors(ema, ema_state))
+        layout = sharded.parallel_layout()
+        rank = torch.distributed.get_rank()
+        rank_file = {
+            "rank": rank,
+            "layout": layout,
+            "train_state": dict(train_state or {}),
+            "rng": _encode(dict(rng_state) if rng_state is not None else capture_rng()),
+            "megatron_rng": sharded.rng_tracker_states(),
+        }
+        torch.save(rank_file, tmp / RANK_STATE_DIR / f"rank_{rank:05d}.pt")
+        dist.barrier()  # every rank's shards and rank file are on disk
+        if dist.is_rank0():
+            self._write_run_files(tmp, step, model, optimizer, contents, train_state, config,
+                                  tokenizer_dir, vocab_size, tokenizer_hash)
+        dist.barrier()
+        return final
+
+    def _write_run_files(
+        self, tmp: Path, step: int, model: torch.nn.Module, optimizer: Any, contents: list[str],
+        train_state: Mapping[str, Any] | None, config: Any, tokenizer_dir: str | Path | None,
+        vocab_size: int | None, tokenizer_hash: str | None,
+    ) -> None:
+        """Rank 0: human-readable files, metadata + marker, rename, ``latest``, retention."""
+        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(dict(train_state or {}), indent=2,
+                                                       default=str) + "\n")
+        cfg = _as_dict(config)
+        if cfg is not None:
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False, width=100))
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            from rlp.model.convert import copy_tokenizer_files
+
+            copy_tokenizer_files(tokenizer_dir, tmp / sharded.TOKENIZER_SUBDIR)
+            tokenizer_hash = tokenizer_hash or _tokenizer_hash(tokenizer_dir)
+        meta = sharded.make_metadata(
+            step, model=model, optimizer=optimizer, contents=contents,
+            model_config=(cfg or {}).get("model"), vocab_size=vocab_size,
+            tokenizer_hash=tokenizer_hash,
+        )
+        final = sharded.finalize_checkpoint(tmp, self.root / sharded.step_dir_name(step), meta)
+        latest_tmp = self.root / f"{TMP_PREFIX}{LATEST_FILE}"
+        latest_tmp.write_text(final.name + "\n")
+        latest_tmp.replace(self.root / LATEST_FILE)
+        self._apply_retention()
+
+    def _apply_retention(self) -> list[Path]:
+        """Keep the newest ``keep_last`` complete checkpoints; incomplete dirs are not touched."""
+        found = self.checkpoints()
+        doomed = [p for _, p in found[: max(0, len(found) - self.cfg.keep_last)]]
+        for p in doomed:
+            # Rename first so a crash mid-delete leaves a tmp_* dir (cleaned up), not a
+            # step dir that lost files but kept its COMPLETE marker.
+            trash = p.with_name(f"{TMP_PREFIX}deleted_{p.name}")
+            p.replace(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return doomed
+
+    # ------------------------------------------------------------------ loading
+
+    def load_latest(self, **kwargs: Any) -> LoadedCheckpoint | None:
+        """:meth:`load` the newest complete checkpoint; None when there is none."""
+        path = self.latest_path()
+        return None if path is None else self.load(path, **kwargs)
+
+    def load(
+        self,
+        path: str | Path,
+        *,
+        model: torch.nn.Module,
+        optimizer: Any = None,
+        ema: Any = None,
+        ema_state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | None = None,
+        config: Any = None,
+        tokenizer_hash: str | None = None,
+    ) -> LoadedCheckpoint:
+        """Collective: restore model, optimizer and EMA in place; return train/RNG state.
+
+        ``path`` is a checkpoint or a checkpoints root (newest). Compatibility (architecture,
+        tokenizer hash from ``tokenizer_hash`` or ``config.tokenizer.path``, optimizer kind) is
+        checked first. An uninitialised ``ema`` is initialised from the model, then overwritten.
+        Megatron's TP RNG streams are restored here when the layout is unchanged; the trainer
+        restores ``rng_state`` (python/numpy/torch) itself.
+        """
+        path = sharded.resolve_checkpoint(path)
+        meta = sharded.read_metadata(path)
+        cfg = _as_dict(config)
+        if tokenizer_hash is None and cfg is not None:
+            tokenizer_hash = _tokenizer_hash(cfg.get("tokenizer", {}).get("path"))
+        if ema_state is None and ema is not None:
+            if "ema" in meta["contents"]:
+                if not getattr(ema, "initialized", True):
+                    ema.initialize(list(model.parameters()))
+                ema_state = ema.params
+            else:
+                warnings.warn(f"{path} has no EMA state; the EMA starts from the policy weights",
+                              stacklevel=2)
+        sharded.load_checkpoint(path, model=model, optimizer=optimizer, ema_state=ema_state,
+                                tokenizer_hash=tokenizer_hash)
+        return self._load_rank_state(path, meta)
+
+    def _load_rank_state(self, path: Path, meta: dict[str, Any]) -> LoadedCheckpoint:
+        layout = sharded.parallel_layout()
+        rank = torch.distributed.get_rank()
+        same = meta["layout"] == layout
+        source = rank if same or rank < meta["layout"]["world_size"] else 0
+        file = path / RANK_STATE_DIR / f"rank_{source:05d}.pt"
+        if not file.is_file():
+            raise CheckpointError(f"{path} is missing per-rank state {file.name}")
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+        if same:
+            sharded.set_rng_tracker_states(raw["megatron_rng"])
+        elif rank == 0:
+            warnings.warn(
+                f"{path} was saved with layout {meta['layout']}, this job is {layout}: "
+                "per-rank data cursors and RNG streams are taken from the saver's rank "
+                f"{source} and will not continue bit-exactly",
+                stacklevel=3,
+            )
+        return LoadedCheckpoint(
+            path=path, step=int(meta["step"]), metadata=meta, train_state=raw["train_state"],
+            rng_state=_decode(raw["rng"]), same_layout=same, source_rank=source,
+        )
+
+    def load_weights(
+        self, source: str | Path, model: torch.nn.Module, config: Any = None
+    ) -> dict[str, Any] | None:
+        """Collective: initial weights from an rlp checkpoint (or root) or an HF model directory.
+
+        Returns the checkpoint metadata, or None for an HF directory. Nothing but the model is
+        touched (``checkpoint.init_from``: optimizer and counters start fresh).
+        """
+        src = Path(source)
+        if (src / "config.json").is_file() and not sharded.is_complete(src):
+            from rlp.model.convert import load_hf_into_model
+
+            load_hf_into_model(model, src)
+            return None
+        cfg = _as_dict(config)
+        tok = _tokenizer_hash(cfg.get("tokenizer", {}).get("path")) if cfg else None
+        return sharded.load_checkpoint(sharded.resolve_checkpoint(src), model=model,
+                                       tokenizer_hash=tok)
+
+
+class SignalFlag:
+    """Records SIGTERM/SIGUSR1 (SLURM pre-emption) so the training loop can save and exit.
+
+    The handler only sets :attr:`raised` / :attr:`name`; the loop polls the flag between steps
+    (use :meth:`raised_anywhere` with several ranks: a signal may reach only some of them, and
+    they must agree before entering the collective save). :meth:`restore` puts back the previous
+    handlers; the object is also a context manager.
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("SignalFlag must be created in the main thread (Python delivers "
+                               "signals only there)")
+        self.signum: int | None = None
+        self._previous = {s: signal.signal(s, self._handler) for s in signals}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def raised_anywhere(self) -> bool:
+        """Collective: True on every rank if any rank received a signal."""
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return self.raised
+        flag = torch.tensor([1 if self.raised else 0], dtype=torch.int32)
+        if torch.distributed.get_backend() == "nccl":
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def clear(self) -> None:
+        self.signum = None
+
+    def restore(self) -> None:
+        """Reinstall the handlers that were active before this object (idempotent)."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __enter__(self) -> SignalFlag:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()

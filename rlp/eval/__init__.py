@@ -1,0 +1,52 @@
+"""Bundled benchmark evaluation (paper §13 protocol) for RLP checkpoints.
+
+Modules and what they own:
+
+* :mod:`rlp.eval.benchmarks`: registry (name -> kind, group, protocols), item schema, loaders
+  (local normalised files, GPQA from its password zip, optional HF hub), few-shot pools.
+* :mod:`rlp.eval.prompts`: prompt templates and stop strings (choices documented there and in
+  ``docs/evaluation.md``).
+* :mod:`rlp.eval.scoring`: answer extraction and checking (math-verify in worker processes with
+  our own timeout; multiple-choice letters).
+* :mod:`rlp.eval.metrics`: pass@k, accuracy with Wilson CI, Math Avg (/5, /6, 4 sets), Science
+  Avg, Overall.
+* :mod:`rlp.eval.runner`: the resumable evaluation loop around a ``generate_fn``.
+* :mod:`rlp.eval.generation`: ``load_generate_fn`` for a Hugging Face model directory.
+* :mod:`rlp.eval.report`: results JSON, Markdown summary, bar plot, A/B comparison.
+
+Nothing here imports megatron; torch/transformers are imported lazily by ``generation`` only.
+The command-line entry point is ``benchmarks/evaluate.py``.
+"""
+
+from rlp.eval.benchmarks import (
+    PAPER_BENCHMARKS,
+    REGISTRY,
+    BenchmarkItem,
+    get_spec,
+    load_benchmark,
+    parse_benchmark_list,
+)
+from rlp.eval.metrics import compute_aggregates, math_avg, overall, pass_at_k, science_avg
+from rlp.eval.runner import EvalSettings, evaluate, load_generate_fn, plan_runs
+from rlp.eval.scoring import MathVerifier, extract_choice_letter, extract_math_answer
+
+__all__ = [
+    "PAPER_BENCHMARKS",
+    "REGISTRY",
+    "BenchmarkItem",
+    "EvalSettings",
+    "MathVerifier",
+    "compute_aggregates",
+    "evaluate",
+    "extract_choice_letter",
+    "extract_math_answer",
+    "get_spec",
+    "load_benchmark",
+    "load_generate_fn",
+    "math_avg",
+    "overall",
+    "parse_benchmark_list",
+    "pass_at_k",
+    "plan_runs",
+    "science_avg",
+]

@@ -1,0 +1,168 @@
+"""Model side of the evaluation: build a ``generate_fn`` from a checkpoint.
+
+This module owns the one adapter between a checkpoint on disk and the runner's
+``generate_fn(prompts, num_samples, temperature, max_new_tokens, seed) -> list[list[str]]``
+contract (see :mod:`rlp.eval.runner`). It is the only module of :mod:`rlp.eval` that touches
+torch / transformers, and it imports them lazily.
+
+Supported today: a local **Hugging Face model directory** (``config.json`` + weights +
+tokenizer files, as written by ``save_pretrained``), loaded with ``AutoModelForCausalLM`` and
+``AutoTokenizer``. Generation is batched with left padding, greedy when ``temperature == 0`` and
+plain temperature sampling otherwise (``top_p = 1``, ``top_k`` off, so the model's own
+``generation_config`` cannot silently change the protocol), and stops at EOS or at the prompt
+set's stop strings. It runs on CUDA when available (bf16) and on CPU otherwise (fp32).
+
+The Megatron-checkpoint path (our own sampler with tensor parallelism) will be added by the
+checkpoint issue; until then a Megatron checkpoint must be exported to a Hugging Face directory
+first, and ``tp`` must be 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rlp.eval.prompts import STOP_STRINGS, truncate_at_stop
+
+logger = logging.getLogger(__name__)
+
+
+class HFGenerator:
+    """Callable ``generate_fn`` over a Hugging Face causal LM (see the module docstring).
+
+    ``batch_size`` bounds the number of *sequences* per ``model.generate`` call: a call with
+    ``P`` prompts and ``n`` samples runs ``P * n`` sequences in chunks of ``batch_size``.
+    Each call reseeds torch with its ``seed``, so equal calls give equal outputs.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8,
+                 stop_strings: Sequence[str] = STOP_STRINGS, top_p: float = 1.0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.stop_strings = tuple(stop_strings)
+        self.top_p = top_p
+        self.device = next(model.parameters()).device
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise ValueError("the tokenizer has neither a pad nor an eos token; add one "
+                                 "(tokenizer.pad_token = ...) and save it with the checkpoint")
+            tokenizer.pad_token = tokenizer.eos_token
+        # EOS: the model's generation config may list several ids (e.g. end-of-text and
+        # end-of-turn); fall back to the tokenizer's.
+        model_gen = getattr(model, "generation_config", None)
+        model_eos = getattr(model_gen, "eos_token_id", None) if model_gen is not None else None
+        self.eos_token_id: int | list[int] | None = (
+            model_eos if model_eos is not None else tokenizer.eos_token_id)
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        self.max_positions: int | None = int(max_pos) if max_pos else None
+
+    def __call__(self, prompts: list[str], num_samples: int, temperature: float,
+                 max_new_tokens: int, seed: int) -> list[list[str]]:
+        import torch
+
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        greedy = temperature == 0
+        # Greedy samples are identical: generate once per prompt and repeat.
+        per_prompt = 1 if greedy else num_samples
+        sequences = [p for p in prompts for _ in range(per_prompt)]
+        torch.manual_seed(seed)
+        texts: list[str] = []
+        for start in range(0, len(sequences), self.batch_size):
+            texts.extend(self._generate_chunk(sequences[start:start + self.batch_size],
+                                              greedy, temperature, max_new_tokens))
+        out: list[list[str]] = []
+        for i in range(len(prompts)):
+            row = texts[i * per_prompt:(i + 1) * per_prompt]
+            out.append(row * num_samples if greedy else row)
+        return out
+
+    def _generate_chunk(self, prompts: list[str], greedy: bool, temperature: float,
+                        max_new_tokens: int) -> list[str]:
+        import torch
+        from transformers import GenerationConfig
+
+        max_len = None
+        if self.max_positions is not None:
+            max_len = self.max_positions - max_new_tokens
+            if max_len < 1:
+                raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the model's "
+                                 f"{self.max_positions} positions; lower --max-new-tokens")
+        self.tokenizer.truncation_side = "left"
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True,
+                             truncation=max_len is not None, max_length=max_len,
+                             add_special_tokens=True)
+        if max_len is not None and enc["input_ids"].shape[1] >= max_len:
+            logger.warning("a prompt was cut from the left to %d tokens to fit the model",
+                           max_len)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        # transformers fills every field left at None from the model's own generation_config,
+        # so each knob that shapes the distribution is set explicitly (neutral where unused).
+        sampling: dict[str, Any] = {}
+        if not greedy:
+            sampling = {"temperature": temperature, "top_p": self.top_p, "top_k": 0,
+                        "min_p": 0.0, "typical_p": 1.0}
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            num_beams=1,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            stop_strings=list(self.stop_strings) or None,
+            **sampling,
+        )
+        with torch.inference_mode():
+            generated = self.model.generate(**enc, generation_config=config,
+                                            tokenizer=self.tokenizer)
+        new_tokens = generated[:, enc["input_ids"].shape[1]:]
+        decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [truncate_at_stop(t, self.stop_strings) for t in decoded]
+
+
+def load_generate_fn(checkpoint: str | Path, tp: int = 1, batch_size: int = 8, seed: int = 0,
+                     *, device: str | None = None, dtype: str | None = None,
+                     stop_strings: Sequence[str] = STOP_STRINGS, top_p: float = 1.0
+                     ) -> HFGenerator:
+    """Build the runner's ``generate_fn`` from a local Hugging Face model directory.
+
+    ``tp`` must be 1 (tensor parallelism needs the Megatron path, see the module docstring).
+    ``seed`` seeds torch before loading; every generate call then reseeds with its own seed.
+    ``device`` defaults to ``cuda`` when available, else ``cpu``; ``dtype`` to ``bfloat16`` on
+    CUDA and ``float32`` on CPU.
+    """
+    path = Path(checkpoint).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint {path} is not a directory; pass a Hugging Face "
+                                "model directory (with config.json) written by save_pretrained")
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"--checkpoint {path} has no config.json, so it is not a Hugging Face model "
+            "directory. Megatron checkpoints are not loadable here yet: export the checkpoint to "
+            "a Hugging Face directory and pass that."
+        )
+    if tp != 1:
+        raise ValueError(f"--tp {tp}: the Hugging Face path runs the model on one device; "
+                         "pass --tp 1 (tensor parallelism comes with the Megatron path)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype) if dtype else (
+        torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model.to(dev)
+    model.eval()
+    return HFGenerator(model, tokenizer, batch_size=batch_size, stop_strings=stop_strings,
+                       top_p=top_p)

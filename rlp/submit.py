@@ -1,0 +1,674 @@
+"""``rlp submit`` (render, check and submit a SLURM job) and ``rlp status`` (progress of a run).
+
+    rlp submit --config configs/qwen3_1p7b_32xh100.yaml --nodes 4 --gpus-per-node 8 \\
+        --partition gpu --time 24:00:00 --account proj [key=value ...]
+    rlp submit --cpu --ntasks 2 --config configs/tiny_cpu.yaml parallel.tp_size=2 --dry-run
+    rlp status runs/tiny_cpu [--json]
+
+``submit`` loads the config with the overrides, checks it against the requested job shape before
+anything reaches SLURM (world size vs ``parallel.tp_size``, TP inside a node, resume settings,
+time limit vs pre-emption signal), then renders ``slurm/rlp.sbatch`` (GPU nodes, torchrun per node)
+or ``slurm/rlp_cpu.sbatch`` (``--cpu``: one node, one srun task per rank) with its ``#SBATCH``
+header and parameter block, freezes the resolved config into ``RUN_DIR/slurm/config.yaml`` (a
+requeued job runs exactly what was checked), writes ``RUN_DIR/slurm/job.sbatch`` and calls
+``sbatch --parsable``. ``--dry-run`` prints the script and writes nothing.
+
+This module imports no torch: it runs on login nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlp.config import Config, ConfigError, load_config, to_yaml
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
+GPU_TEMPLATE = "rlp.sbatch"
+CPU_TEMPLATE = "rlp_cpu.sbatch"
+PARAMS_MARKER = "# @RLP_PARAMETERS@"
+REQUEUE_EXIT_CODE = 75
+"""Mirrors ``rlp.trainer.REQUEUE_EXIT_CODE`` (not imported: the trainer pulls in torch)."""
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "SUSPENDED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+}
+STATUS_METRICS = (
+    "loss/total",
+    "loss/rl",
+    "loss/ntp",
+    "reward/mean",
+    "time/step",
+    "throughput/thought_tokens_per_s",
+)
+
+
+class SubmitError(RuntimeError):
+    """The job cannot be submitted from here (no sbatch, sbatch failed, run dir busy)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Job shape and checks
+
+
+@dataclass
+class JobShape:
+    """What the job asks SLURM for."""
+
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    cpu: bool
+
+    @property
+    def world_size(self) -> int:
+        """Trainer processes: nodes x GPUs (torchrun) or srun tasks (CPU)."""
+        per_node = self.tasks_per_node if self.cpu else self.gpus_per_node
+        return self.nodes * per_node
+
+    def describe(self) -> str:
+        if self.cpu:
+            return f"--ntasks {self.tasks_per_node} (CPU, one node)"
+        return f"--nodes {self.nodes} x --gpus-per-node {self.gpus_per_node}"
+
+
+def parse_slurm_time(text: str) -> int:
+    """Seconds in a SLURM time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise ConfigError(
+            f"--time {text!r} is not a SLURM time (use minutes, H:M:S, or D-H:M:S, e.g. 24:00:00)"
+        )
+    days, a, b, c = match.groups()
+    if days is not None:  # D-H[:M[:S]]
+        parts = [int(a), int(b or 0), int(c or 0)]
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if c is not None:  # H:M:S
+        return int(a) * 3600 + int(b) * 60 + int(c)
+    if b is not None:  # M:S
+        return int(a) * 60 + int(b)
+    return int(a) * 60  # M
+
+
+def check_shape(
+    cfg: Config,
+    shape: JobShape,
+    *,
+    requeue: bool = True,
+    time_limit_s: int | None = None,
+    signal_lead_s: int = 300,
+) -> list[str]:
+    """Raise :class:`ConfigError` (naming what to change) when the config cannot run on ``shape``;
+    return warnings for settings that run but are probably unintended."""
+    p, m, r = cfg.parallel, cfg.model, cfg.rollout
+    world, mp = shape.world_size, p.tp_size * p.pp_size
+    where = shape.describe()
+    if world < mp:
+        raise ConfigError(
+            f"world size {world} ({where}) is smaller than parallel.tp_size x parallel.pp_size = "
+            f"{mp}; request more processes or lower parallel.tp_size"
+        )
+    if world % mp:
+        raise ConfigError(
+            f"world size {world} ({where}) is not divisible by parallel.tp_size x "
+            f"parallel.pp_size = {mp}, so the data-parallel size is not whole; change "
+            f"{'--ntasks' if shape.cpu else '--nodes/--gpus-per-node'} or parallel.tp_size"
+        )
+    for key, n in (
+        ("num_attention_heads", m.num_attention_heads),
+        ("num_query_groups", m.num_query_groups),
+    ):
+        if n % p.tp_size:
+            raise ConfigError(
+                f"parallel.tp_size={p.tp_size} does not divide model.{key}={n}; choose a tp_size "
+                f"dividing both {m.num_attention_heads} heads and {m.num_query_groups} query groups"
+            )
+    if shape.cpu:
+        if shape.nodes != 1:
+            raise ConfigError("--cpu runs on one node (slurm/rlp_cpu.sbatch); drop --nodes")
+        bad = {
+            "run.device": cfg.run.device == "cuda",
+            "parallel.backend": p.backend == "nccl",
+            "parallel.sequence_parallel": p.sequence_parallel,
+            "model.transformer_impl": m.transformer_impl == "transformer_engine",
+            "model.recompute_activations": m.recompute_activations,
+        }
+        for key, is_bad in bad.items():
+            if is_bad:
+                raise ConfigError(
+                    f"{key} needs GPUs but --cpu was given; change {key} or drop --cpu"
+                )
+    else:
+        if cfg.run.device == "cpu":
+            raise ConfigError(
+                "run.device=cpu on a GPU job; set run.device=auto (or cuda), or submit with --cpu"
+            )
+        if p.tp_size > shape.gpus_per_node or shape.gpus_per_node % p.tp_size:
+            raise ConfigError(
+                f"parallel.tp_size={p.tp_size} does not fit inside one node of "
+                f"--gpus-per-node {shape.gpus_per_node}: a TP group must stay on one node (its "
+                f"all-reduces run every layer); use a tp_size dividing {shape.gpus_per_node}"
+            )
+    if requeue and cfg.checkpoint.resume != "auto":
+        raise ConfigError(
+            f"checkpoint.resume={cfg.checkpoint.resume} with a requeueing job: a requeued attempt "
+            "would start again from step 0; set checkpoint.resume=auto or pass --no-requeue"
+        )
+    if time_limit_s is not None and requeue and signal_lead_s >= time_limit_s:
+        raise ConfigError(
+            f"--signal-lead {signal_lead_s}s is not shorter than the --time limit "
+            f"({time_limit_s}s): the checkpoint signal would arrive at once; lower --signal-lead "
+            "or raise --time"
+        )
+    warnings = []
+    if requeue and not cfg.checkpoint.save_on_signal:
+        warnings.append(
+            "checkpoint.save_on_signal=false: no checkpoint is written on the pre-timeout signal; "
+            "a requeued job resumes from the last periodic checkpoint (checkpoint.save_every)"
+        )
+    if r.sample_batch_size % r.num_thoughts:
+        warnings.append(
+            f"rollout.sample_batch_size={r.sample_batch_size} is not a multiple of "
+            f"rollout.num_thoughts={r.num_thoughts}: groups are split across decode batches"
+        )
+    thoughts = r.contexts_per_step * r.num_thoughts
+    if thoughts % cfg.objective.thought_micro_batch:
+        warnings.append(
+            f"objective.thought_micro_batch={cfg.objective.thought_micro_batch} does not divide "
+            f"the {thoughts} thoughts per step and DP rank (rollout.contexts_per_step x "
+            "rollout.num_thoughts): the last micro-batch is short"
+        )
+    if cfg.log.wandb == "online" and not os.environ.get("WANDB_API_KEY"):
+        warnings.append(
+            "log.wandb=online but WANDB_API_KEY is not set here (sbatch passes this shell's "
+            "environment to the job); set it, or use ~/.netrc, or log.wandb=offline"
+        )
+    return warnings
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _sbatch_header(args: argparse.Namespace, cfg: Config, shape: JobShape, run_dir: Path) -> list:
+    lines = [f"--job-name={args.job_name or cfg.run.name}", f"--nodes={shape.nodes}"]
+    if shape.cpu:
+        lines.append(f"--ntasks-per-node={shape.tasks_per_node}")
+    else:
+        lines += ["--ntasks-per-node=1", f"--gres=gpu:{shape.gpus_per_node}"]
+    optional = {
+        "--cpus-per-task": args.cpus_per_task,
+        "--mem": args.mem,
+        "--time": args.time,
+        "--partition": args.partition,
+        "--account": args.account,
+        "--qos": args.qos,
+    }
+    lines += [f"{flag}={value}" for flag, value in optional.items() if value is not None]
+    if args.exclusive:
+        lines.append("--exclusive")
+    if args.requeue:
+        lines += [f"--signal=B:USR1@{args.signal_lead}", "--requeue"]
+    else:
+        lines.append("--no-requeue")
+    lines += [
+        "--open-mode=append",
+        f"--output={run_dir}/logs/slurm-%j.out",
+        f"--chdir={Path.cwd()}",
+    ]
+    lines += list(args.sbatch_arg)
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def _parameters(args: argparse.Namespace, shape: JobShape, run_dir: Path) -> dict[str, str]:
+    python = args.python or ("python3" if args.container_image else sys.executable)
+    params = {
+        "RLP_CONFIG": str(run_dir / "slurm" / "config.yaml"),
+        "RLP_RUN_DIR": str(run_dir),
+        "RLP_OVERRIDES": "",  # applied already: the frozen config is the resolved one
+        "RLP_PYTHON": python,
+        "RLP_ENTRY": args.entry,
+        "RLP_VENV": args.venv or "",
+        "RLP_SETUP_SCRIPT": args.setup_script or "",
+        "RLP_MAX_REQUEUES": str(args.max_requeues),
+    }
+    if not shape.cpu:
+        params["RLP_NPROC_PER_NODE"] = str(shape.gpus_per_node)
+        params["RLP_CONTAINER_IMAGE"] = args.container_image or ""
+        params["RLP_CONTAINER_MOUNTS"] = args.container_mounts or ""
+    return params
+
+
+def render_script(
+    template: str, header: list[str], params: dict[str, str], comment: list[str]
+) -> str:
+    """Replace the template's ``#SBATCH`` lines by ``header`` and its parameter marker by
+    ``export`` lines (every parameter is written, so stale values in the submitting shell, which
+    sbatch would export, cannot leak in)."""
+    lines = template.splitlines()
+    sbatch_at = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+    marker_at = [i for i, line in enumerate(lines) if line.strip() == PARAMS_MARKER]
+    if not sbatch_at or len(marker_at) != 1:
+        raise SubmitError(f"template lacks #SBATCH lines or exactly one '{PARAMS_MARKER}' line")
+    exports = [f"export {key}={shlex.quote(value)}" for key, value in params.items()]
+    out = []
+    for i, line in enumerate(lines):
+        if i == sbatch_at[0]:
+            out += [f"# {c}" if c else "#" for c in comment] + header
+        if i in sbatch_at:
+            continue
+        out += exports if i == marker_at[0] else [line]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# rlp submit
+
+
+def _submit_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="rlp submit",
+        description="Check a config against a SLURM job shape, render the sbatch script, submit.",
+    )
+    ap.add_argument("--config", type=Path, required=True, help="run config YAML")
+    shape = ap.add_argument_group("job shape")
+    shape.add_argument("--nodes", type=int, default=None, help="GPU nodes (default 1)")
+    shape.add_argument("--gpus-per-node", type=int, default=None, help="GPUs (= ranks) per node")
+    shape.add_argument("--cpu", action="store_true", help="one CPU node, srun tasks, gloo")
+    shape.add_argument(
+        "--ntasks", type=int, default=None, help="ranks for --cpu (default tp_size x pp_size)"
+    )
+    shape.add_argument("--cpus-per-task", type=int, default=None)
+    shape.add_argument("--mem", default=None, help="memory per node, e.g. 200G")
+    shape.add_argument("--exclusive", action="store_true", help="whole nodes")
+    sched = ap.add_argument_group("scheduling")
+    sched.add_argument("--partition", "-p", default=None)
+    sched.add_argument("--time", "-t", default=None, help="time limit, e.g. 24:00:00")
+    sched.add_argument("--account", "-A", default=None)
+    sched.add_argument("--qos", default=None)
+    sched.add_argument("--job-name", "-J", default=None, help="default: run.name")
+    sched.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra sbatch option, e.g. --sbatch-arg=--constraint=h100 (repeatable)",
+    )
+    pre = ap.add_argument_group("pre-emption")
+    pre.add_argument(
+        "--signal-lead",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="USR1 this long before the time limit: checkpoint + requeue (default 300)",
+    )
+    pre.add_argument(
+        "--no-requeue",
+        dest="requeue",
+        action="store_false",
+        help="no pre-timeout signal, no requeue",
+    )
+    pre.add_argument("--max-requeues", type=int, default=20)
+    env = ap.add_argument_group("environment")
+    env.add_argument(
+        "--python",
+        default=None,
+        help="interpreter on the nodes (default: this one; python3 in a container)",
+    )
+    env.add_argument("--venv", default=None, help="virtualenv to activate on the nodes")
+    env.add_argument("--setup-script", default=None, help="file sourced first (module loads)")
+    env.add_argument("--container-image", default=None, help="pyxis image (GPU template)")
+    env.add_argument("--container-mounts", default=None, help="pyxis mounts: RUN_DIR, data")
+    env.add_argument("--entry", default="rlp.cli", help="module run as -m ENTRY train ...")
+    env.add_argument("--template", type=Path, default=None, help="sbatch template to render")
+    ap.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp_size=2")
+    return ap
+
+
+def _shape(args: argparse.Namespace, cfg: Config) -> JobShape:
+    if args.cpu:
+        if args.gpus_per_node is not None or args.container_image:
+            raise ConfigError("--cpu takes --ntasks, not --gpus-per-node/--container-image")
+        ntasks = args.ntasks or cfg.parallel.tp_size * cfg.parallel.pp_size
+        return JobShape(args.nodes or 1, ntasks, 0, True)
+    if args.ntasks is not None:
+        raise ConfigError("--ntasks is for --cpu jobs; GPU jobs take --nodes and --gpus-per-node")
+    if args.gpus_per_node is None:
+        raise ConfigError("pass --gpus-per-node G (GPUs per node), or --cpu for a CPU job")
+    return JobShape(args.nodes or 1, 1, args.gpus_per_node, False)
+
+
+def _positive(args: argparse.Namespace) -> None:
+    for flag in ("nodes", "gpus_per_node", "ntasks", "cpus_per_task", "signal_lead"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.max_requeues < 0:
+        raise ConfigError(f"--max-requeues must be >= 0, got {args.max_requeues}")
+
+
+def _absolute_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    """Load the config; pin run.output_dir (and a relative checkpoint.dir) to absolute paths so
+    the job, whatever its working directory, writes where the submitter expects."""
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(os.path.abspath(cfg.run.output_dir))
+    pinned = [*args.overrides, f"run.output_dir={run_dir}"]
+    cfg = load_config(args.config, pinned)
+    if not os.path.isabs(cfg.checkpoint.dir):
+        pinned.append(f"checkpoint.dir={os.path.abspath(cfg.checkpoint.dir)}")
+        cfg = load_config(args.config, pinned)
+    return cfg, run_dir
+
+
+def _active_job(run_dir: Path) -> tuple[str, str] | None:
+    """(job id, state) of a queued or running job that already writes into ``run_dir``."""
+    id_file = run_dir / "slurm" / "job_id"
+    if not id_file.is_file() or shutil.which("squeue") is None:
+        return None
+    job_id = id_file.read_text().strip()
+    proc = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+    )
+    state = proc.stdout.strip()
+    return (job_id, state) if proc.returncode == 0 and state in ACTIVE_STATES else None
+
+
+def submit_main(argv: list[str]) -> int:
+    """``rlp submit``; returns 0 on success, 2 for a request that cannot work, 1 when SLURM
+    (or its absence) stops the submission."""
+    args = _submit_parser().parse_intermixed_args(argv)
+    try:
+        _positive(args)
+        cfg, run_dir = _absolute_config(args)
+        shape = _shape(args, cfg)
+        time_limit = parse_slurm_time(args.time) if args.time else None
+        warnings = check_shape(
+            cfg,
+            shape,
+            requeue=args.requeue,
+            time_limit_s=time_limit,
+            signal_lead_s=args.signal_lead,
+        )
+    except ConfigError as err:
+        print(f"rlp submit: error: {err}", file=sys.stderr)
+        return 2
+    for text in warnings:
+        print(f"rlp submit: warning: {text}", file=sys.stderr)
+
+    template = args.template or TEMPLATE_DIR / (CPU_TEMPLATE if shape.cpu else GPU_TEMPLATE)
+    if not template.is_file():
+        print(
+            f"rlp submit: error: sbatch template {template} not found; run from a source "
+            "checkout of rlp or pass --template",
+            file=sys.stderr,
+        )
+        return 2
+    p = cfg.parallel
+    dp = shape.world_size // (p.tp_size * p.pp_size)
+    summary = (
+        f"{shape.describe()}: world {shape.world_size} = TP {p.tp_size} x PP {p.pp_size} x "
+        f"DP {dp}; {cfg.rollout.contexts_per_step * dp} contexts x {cfg.rollout.num_thoughts} "
+        f"thoughts per step; {cfg.run.max_steps} steps"
+    )
+    comment = [
+        f"Rendered by `rlp submit` from {template.name} on {_dt.datetime.now():%Y-%m-%d %H:%M}.",
+        summary,
+        "Command: rlp submit " + shlex.join(argv),
+    ]
+    try:
+        script = render_script(
+            template.read_text(),
+            _sbatch_header(args, cfg, shape, run_dir),
+            _parameters(args, shape, run_dir),
+            comment,
+        )
+    except SubmitError as err:
+        print(f"rlp submit: error: {template}: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(script, end="")
+        print(f"rlp submit: dry run ({summary}); nothing written or submitted", file=sys.stderr)
+        return 0
+    try:
+        job_id = _submit(script, cfg, run_dir)
+    except SubmitError as err:
+        print(f"rlp submit: error: {err}", file=sys.stderr)
+        return 1
+    _print_submitted(job_id, summary, cfg, run_dir, shape)
+    return 0
+
+
+def _submit(script: str, cfg: Config, run_dir: Path) -> str:
+    if shutil.which("sbatch") is None:
+        raise SubmitError(
+            "sbatch not found on PATH: submit from a SLURM login node, or pass --dry-run to "
+            "print the job script"
+        )
+    active = _active_job(run_dir)
+    if active:
+        raise SubmitError(
+            f"job {active[0]} ({active[1]}) already writes into {run_dir}; wait for it, "
+            f"`scancel {active[0]}`, or choose another run.name / run.output_dir"
+        )
+    slurm_dir = run_dir / "slurm"
+    for d in (slurm_dir, run_dir / "logs"):
+        d.mkdir(parents=True, exist_ok=True)
+    frozen = slurm_dir / "config.yaml"
+    frozen.write_text(to_yaml(cfg))
+    if load_config(frozen).to_dict() != cfg.to_dict():
+        raise SubmitError(f"{frozen} does not load back to the checked config (please report)")
+    job_file = slurm_dir / "job.sbatch"
+    job_file.write_text(script)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", str(job_file)], capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode != 0:
+        raise SubmitError(f"sbatch failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SubmitError(f"could not read a job id from sbatch output {proc.stdout!r}")
+    (slurm_dir / "job_id").write_text(job_id + "\n")
+    with open(slurm_dir / "submissions.log", "a") as f:
+        f.write(f"{_dt.datetime.now().isoformat(timespec='seconds')} job={job_id}\n")
+    return job_id
+
+
+def _print_submitted(job_id: str, summary: str, cfg: Config, run_dir: Path, shape: JobShape):
+    rank_logs = "rank<N>.log" if shape.cpu else "node<N>.log, torchrun/node<N>/"
+    print(f"Submitted job {job_id}: {summary}")
+    print(f"  script       {run_dir}/slurm/job.sbatch (config frozen in slurm/config.yaml)")
+    print(f"  job log      {run_dir}/logs/slurm-{job_id}.out")
+    print(f"  rank logs    {run_dir}/logs/{job_id}/attempt<K>/{rank_logs}")
+    print(f"  metrics      {run_dir}/metrics.jsonl")
+    print(f"  checkpoints  {cfg.checkpoint.dir}")
+    print(f"  status       rlp status {run_dir}")
+    print(f"  cancel       scancel {job_id}")
+
+
+# ------------------------------------------------------------------------------------------------
+# rlp status
+
+
+def last_json_line(path: Path, chunk: int = 1 << 16) -> tuple[dict | None, int]:
+    """(last complete JSON object, number of lines) of a JSONL file that may be mid-write."""
+    if not path.is_file():
+        return None, 0
+    with open(path, "rb") as f:
+        lines = sum(1 for _ in f)
+        f.seek(max(0, f.seek(0, os.SEEK_END) - chunk))
+        tail = f.read().decode(errors="replace").splitlines()
+    for text in reversed(tail):
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            return row, lines
+    return None, lines
+
+
+def _checkpoint_dir(run_dir: Path) -> Path:
+    resolved = run_dir / "config.yaml"
+    for path in (resolved, run_dir / "slurm" / "config.yaml"):
+        if path.is_file():
+            raw = yaml.safe_load(path.read_text()) or {}
+            ckpt = (raw.get("checkpoint") or {}).get("dir")
+            if ckpt:
+                return Path(ckpt) if os.path.isabs(ckpt) else Path.cwd() / ckpt
+    return run_dir / "checkpoints"
+
+
+def latest_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
+    """Newest ``step_N`` directory (names starting with '.' or ending in .tmp are partial)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for d in ckpt_dir.iterdir():
+        match = re.fullmatch(r"step_(\d+)", d.name)
+        if d.is_dir() and match:
+            found.append((int(match.group(1)), d))
+    if not found:
+        return None
+    step, path = max(found)
+    info: dict[str, Any] = {
+        "step": step,
+        "path": str(path),
+        "count": len(found),
+        "age_s": time.time() - path.stat().st_mtime,
+    }
+    latest = ckpt_dir / "latest"
+    if latest.is_file():
+        info["latest_file"] = latest.read_text().strip()
+    return info
+
+
+def _scontrol_fields(text: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def slurm_job(job_id: str) -> dict[str, Any]:
+    """State of ``job_id`` from scontrol (finished jobs stay there MinJobAge) or squeue."""
+    info: dict[str, Any] = {"id": job_id}
+    if shutil.which("scontrol") is None:
+        info["state"] = "unknown (no scontrol on PATH)"
+        return info
+    proc = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30
+    )
+    if proc.returncode != 0:
+        info["state"] = "not known to the controller (finished a while ago, or another cluster)"
+        return info
+    fields = _scontrol_fields(proc.stdout)
+    for key in (
+        "JobState",
+        "Reason",
+        "Restarts",
+        "ExitCode",
+        "RunTime",
+        "TimeLimit",
+        "NodeList",
+        "StartTime",
+        "EligibleTime",
+    ):
+        if key in fields:
+            info[key[0].lower() + re.sub(r"([A-Z])", r"_\1", key[1:]).lower()] = fields[key]
+    return info
+
+
+def status_main(argv: list[str]) -> int:
+    """``rlp status RUN_DIR [--json]``."""
+    ap = argparse.ArgumentParser(prog="rlp status", description="Progress of an rlp run.")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    args = ap.parse_args(argv)
+    run_dir = args.run_dir
+    if not run_dir.is_dir():
+        print(
+            f"rlp status: error: {run_dir} is not a directory (pass run.output_dir)",
+            file=sys.stderr,
+        )
+        return 2
+    row, lines = last_json_line(run_dir / "metrics.jsonl")
+    report: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "metrics": None}
+    if row is not None:
+        age = time.time() - (run_dir / "metrics.jsonl").stat().st_mtime
+        report["metrics"] = {"records": lines, "age_s": age, **row}
+    max_steps = None
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        max_steps = ((yaml.safe_load(cfg_path.read_text()) or {}).get("run") or {}).get("max_steps")
+    report["max_steps"] = max_steps
+    report["checkpoint"] = latest_checkpoint(_checkpoint_dir(run_dir))
+    summary = run_dir / "summary.json"
+    report["finished"] = summary.is_file()
+    id_file = run_dir / "slurm" / "job_id"
+    report["job"] = slurm_job(id_file.read_text().strip()) if id_file.is_file() else None
+    events = run_dir / "slurm" / "events.log"
+    report["events"] = events.read_text().splitlines()[-5:] if events.is_file() else []
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_status(report)
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    done = "  (finished: summary.json)" if report["finished"] else ""
+    print(f"run          {report['run_dir']}{done}")
+    m = report["metrics"]
+    if m is None:
+        print("metrics      none yet (metrics.jsonl missing or empty)")
+    else:
+        of = f"/{report['max_steps']}" if report["max_steps"] else ""
+        values = "  ".join(
+            f"{k}={m[k]:.4g}" for k in STATUS_METRICS if isinstance(m.get(k), (int, float))
+        )
+        print(f"step         {m.get('step')}{of}  ({_ago(m['age_s'])}, {m['records']} records)")
+        if values:
+            print(f"metrics      {values}")
+    c = report["checkpoint"]
+    if c is None:
+        print("checkpoint   none yet")
+    else:
+        print(f"checkpoint   step {c['step']}: {c['path']} ({_ago(c['age_s'])}, {c['count']} kept)")
+    job = report["job"]
+    if job is None:
+        print("slurm job    none recorded (no RUN_DIR/slurm/job_id)")
+    else:
+        skip = ("id", "state", "job_state")
+        details = ", ".join(f"{k}={v}" for k, v in job.items() if k not in skip)
+        state = job.get("job_state") or job.get("state")
+        print(f"slurm job    {job['id']}: {state}" + (f" ({details})" if details else ""))
+    for line in report["events"]:
+        print(f"  event      {line}")
