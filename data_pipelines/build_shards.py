@@ -387,7 +387,10 @@ def build_shards(
         manifest_path.unlink()  # from here on the directory must not look complete
     done: list[ShardInfo] = []
     if progress_path.is_file():
-        record = json.loads(progress_path.read_text())
+        try:
+            record = json.loads(progress_path.read_text())
+        except json.JSONDecodeError:  # written atomically, so only a foreign edit gets here
+            record = {}
         if record.get("fingerprint") == fingerprint:
             done = _verified(out, [ShardInfo(**s) for s in record["shards"]])
             _log(opts, f"{out}: resuming after {len(done)} finished shard(s)")
@@ -484,7 +487,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tokenizer", required=True, help="tokenizer dir, tokenizer.json, .gguf or hub name"
     )
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output directory (the builder's: stale PREFIX-NNNNNN.tar files there are removed)",
+    )
     p.add_argument("--prefix", default="shard", help="shard file prefix (PREFIX-000000.tar)")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/HF rows")
     p.add_argument("--txt-blocks", action="store_true", help="split .txt files at blank lines")

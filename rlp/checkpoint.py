@@ -81,7 +81,10 @@ class LoadedCheckpoint:
 
 
 def _encode(obj: Any) -> Any:
-    """Make RNG states loadable with ``torch.load(weights_only=True)`` (numpy arrays -> tensors)."""
+    """Make plain data loadable with ``torch.load(weights_only=True)``: numpy arrays (the numpy
+    RNG state) become tagged tensors, numpy scalars Python numbers."""
+    if isinstance(obj, np.generic):
+        return obj.item()
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": torch.from_numpy(obj.astype(np.int64)), "dtype": str(obj.dtype)}
     if isinstance(obj, Mapping):
@@ -108,12 +111,16 @@ def _as_dict(config: Any) -> dict[str, Any] | None:
 
 
 def _tokenizer_hash(tokenizer_dir: str | Path | None) -> str | None:
-    """sha256 of ``tokenizer.json`` (via :func:`rlp.tokenizer.tokenizer_hash`); None if absent."""
-    if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+    """:func:`rlp.tokenizer.tokenizer_hash` of a local tokenizer directory; None for anything
+    else (a hub name is not hashed: it would need the network)."""
+    from rlp.model.convert import TOKENIZER_FILES
+
+    path = Path(tokenizer_dir) if tokenizer_dir else None
+    if path is None or not any((path / name).is_file() for name in TOKENIZER_FILES[:8]):
         return None
     from rlp.tokenizer import tokenizer_hash
 
-    return tokenizer_hash(tokenizer_dir)
+    return tokenizer_hash(path)
 
 
 def _ema_tensors(ema: Any, ema_state: Any) -> Any:
@@ -160,13 +167,17 @@ class CheckpointManager:
         return found[-1][1] if found else None
 
     def remove_stale(self) -> list[Path]:
-        """Delete ``tmp_*`` directories left by interrupted saves; returns what was removed."""
+        """Delete ``tmp_*`` entries left by interrupted saves; returns what was removed."""
         removed = []
         if self.root.is_dir():
             for p in self.root.iterdir():
-                if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                if not p.name.startswith(TMP_PREFIX):
+                    continue
+                if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
         return removed
 
     # ------------------------------------------------------------------ saving
@@ -200,56 +211,66 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / RANK_STATE_DIR).mkdir(parents=True)
         dist.barrier()
-        contents = sharded.save_state(tmp, model=model, optimizer=optimizer,
-                                      ema_state=_ema_tensors(ema, ema_state))
+        contents = sharded.save_state(
+            tmp, model=model, optimizer=optimizer, ema_state=_ema_tensors(ema, ema_state)
+        )
         layout = sharded.parallel_layout()
         rank = torch.distributed.get_rank()
         rank_file = {
             "rank": rank,
             "layout": layout,
-            "train_state": dict(train_state or {}),
+            "train_state": _encode(dict(train_state or {})),
             "rng": _encode(dict(rng_state) if rng_state is not None else capture_rng()),
             "megatron_rng": sharded.rng_tracker_states(),
         }
         torch.save(rank_file, tmp / RANK_STATE_DIR / f"rank_{rank:05d}.pt")
         dist.barrier()  # every rank's shards and rank file are on disk
         if dist.is_rank0():
-            self._write_run_files(tmp, step, model, optimizer, contents, train_state, config,
-                                  tokenizer_dir, vocab_size, tokenizer_hash)
+            cfg = _as_dict(config)
+            (tmp / TRAIN_STATE_FILE).write_text(
+                json.dumps(dict(train_state or {}), indent=2, default=str) + "\n"
+            )
+            if cfg is not None:
+                (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False, width=100))
+            if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+                from rlp.model.convert import copy_tokenizer_files
+
+                copy_tokenizer_files(tokenizer_dir, tmp / sharded.TOKENIZER_SUBDIR)
+                tokenizer_hash = tokenizer_hash or _tokenizer_hash(tokenizer_dir)
+            meta = sharded.make_metadata(
+                step,
+                model=model,
+                optimizer=optimizer,
+                contents=contents,
+                model_config=(cfg or {}).get("model"),
+                vocab_size=vocab_size,
+                tokenizer_hash=tokenizer_hash,
+            )
+            self._publish(tmp, final, meta)
         dist.barrier()
         return final
 
-    def _write_run_files(
-        self, tmp: Path, step: int, model: torch.nn.Module, optimizer: Any, contents: list[str],
-        train_state: Mapping[str, Any] | None, config: Any, tokenizer_dir: str | Path | None,
-        vocab_size: int | None, tokenizer_hash: str | None,
-    ) -> None:
-        """Rank 0: human-readable files, metadata + marker, rename, ``latest``, retention."""
-        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(dict(train_state or {}), indent=2,
-                                                       default=str) + "\n")
-        cfg = _as_dict(config)
-        if cfg is not None:
-            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False, width=100))
-        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-            from rlp.model.convert import copy_tokenizer_files
-
-            copy_tokenizer_files(tokenizer_dir, tmp / sharded.TOKENIZER_SUBDIR)
-            tokenizer_hash = tokenizer_hash or _tokenizer_hash(tokenizer_dir)
-        meta = sharded.make_metadata(
-            step, model=model, optimizer=optimizer, contents=contents,
-            model_config=(cfg or {}).get("model"), vocab_size=vocab_size,
-            tokenizer_hash=tokenizer_hash,
-        )
-        final = sharded.finalize_checkpoint(tmp, self.root / sharded.step_dir_name(step), meta)
+    def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        """Rank 0, all files written: marker + rename, then ``latest``, then retention."""
+        sharded.finalize_checkpoint(tmp, final, meta)
         latest_tmp = self.root / f"{TMP_PREFIX}{LATEST_FILE}"
         latest_tmp.write_text(final.name + "\n")
         latest_tmp.replace(self.root / LATEST_FILE)
-        self._apply_retention()
+        newer = [p.name for s, p in self.checkpoints() if s > meta["step"]]
+        if newer:
+            warnings.warn(
+                f"{self.root} holds checkpoints newer than step {meta['step']} "
+                f"({', '.join(newer)}), e.g. from an earlier run: auto-resume picks the newest "
+                "step, not this one; use a fresh checkpoint.dir per run",
+                stacklevel=3,
+            )
+        self._apply_retention(protect=final)
 
-    def _apply_retention(self) -> list[Path]:
-        """Keep the newest ``keep_last`` complete checkpoints; incomplete dirs are not touched."""
+    def _apply_retention(self, protect: Path | None = None) -> list[Path]:
+        """Keep the newest ``keep_last`` complete checkpoints (and ``protect``, the one just
+        written); incomplete directories are not touched."""
         found = self.checkpoints()
-        doomed = [p for _, p in found[: max(0, len(found) - self.cfg.keep_last)]]
+        doomed = [p for _, p in found[: max(0, len(found) - self.cfg.keep_last)] if p != protect]
         for p in doomed:
             # Rename first so a crash mid-delete leaves a tmp_* dir (cleaned up), not a
             # step dir that lost files but kept its COMPLETE marker.
@@ -295,10 +316,16 @@ class CheckpointManager:
                     ema.initialize(list(model.parameters()))
                 ema_state = ema.params
             else:
-                warnings.warn(f"{path} has no EMA state; the EMA starts from the policy weights",
-                              stacklevel=2)
-        sharded.load_checkpoint(path, model=model, optimizer=optimizer, ema_state=ema_state,
-                                tokenizer_hash=tokenizer_hash)
+                warnings.warn(
+                    f"{path} has no EMA state; the EMA starts from the policy weights", stacklevel=2
+                )
+        sharded.load_checkpoint(
+            path,
+            model=model,
+            optimizer=optimizer,
+            ema_state=ema_state,
+            tokenizer_hash=tokenizer_hash,
+        )
         return self._load_rank_state(path, meta)
 
     def _load_rank_state(self, path: Path, meta: dict[str, Any]) -> LoadedCheckpoint:
@@ -320,8 +347,13 @@ class CheckpointManager:
                 stacklevel=3,
             )
         return LoadedCheckpoint(
-            path=path, step=int(meta["step"]), metadata=meta, train_state=raw["train_state"],
-            rng_state=_decode(raw["rng"]), same_layout=same, source_rank=source,
+            path=path,
+            step=int(meta["step"]),
+            metadata=meta,
+            train_state=_decode(raw["train_state"]),
+            rng_state=_decode(raw["rng"]),
+            same_layout=same,
+            source_rank=source,
         )
 
     def load_weights(
@@ -340,8 +372,9 @@ class CheckpointManager:
             return None
         cfg = _as_dict(config)
         tok = _tokenizer_hash(cfg.get("tokenizer", {}).get("path")) if cfg else None
-        return sharded.load_checkpoint(sharded.resolve_checkpoint(src), model=model,
-                                       tokenizer_hash=tok)
+        return sharded.load_checkpoint(
+            sharded.resolve_checkpoint(src), model=model, tokenizer_hash=tok
+        )
 
 
 class SignalFlag:
@@ -355,8 +388,9 @@ class SignalFlag:
 
     def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("SignalFlag must be created in the main thread (Python delivers "
-                               "signals only there)")
+            raise RuntimeError(
+                "SignalFlag must be created in the main thread (Python delivers signals only there)"
+            )
         self.signum: int | None = None
         self._previous = {s: signal.signal(s, self._handler) for s in signals}
 

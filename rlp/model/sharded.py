@@ -230,9 +230,10 @@ def _ema_by_name(gpt: torch.nn.Module, ema_state: EmaState) -> dict[str, torch.T
     if isinstance(ema_state, Mapping):
         by_name = dict(ema_state)
         if set(by_name) != set(names):
+            missing, extra = sorted(set(names) - set(by_name)), sorted(set(by_name) - set(names))
             raise ValueError(
-                "ema_state keys must be the model's parameter names; missing "
-                f"{sorted(set(names) - set(by_name))[:4]}, extra {sorted(set(by_name) - set(names))[:4]}"
+                "ema_state keys must be the model's parameter names; "
+                f"missing {missing[:4]}, extra {extra[:4]}"
             )
     else:
         tensors = list(ema_state)
@@ -318,10 +319,10 @@ def make_metadata(
     model_config: Mapping[str, Any] | None,
     vocab_size: int | None,
     tokenizer_hash: str | None,
-    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Our ``metadata.json`` content for a checkpoint of the live job."""
     import rlp
+    from rlp.model.build import unwrap
 
     return {
         "format": FORMAT,
@@ -333,14 +334,13 @@ def make_metadata(
         "distributed_optimizer": optimizer is not None and uses_distributed_optimizer(optimizer),
         "architecture": architecture(model),
         "model_config": dict(model_config) if model_config is not None else None,
-        "vocab_size": vocab_size or getattr(model, "rlp_vocab_size", None),
+        "vocab_size": vocab_size or getattr(unwrap(model), "rlp_vocab_size", None),
         "tokenizer_hash": tokenizer_hash,
         "versions": {
             "megatron_core": megatron_version(),
             "torch": torch.__version__,
             "rlp": rlp.__version__,
         },
-        **dict(extra or {}),
     }
 
 
@@ -353,7 +353,7 @@ def check_compatible(
     tokenizer_hash: str | None = None,
     where: str = "checkpoint",
 ) -> None:
-    """Raise :class:`IncompatibleCheckpointError` naming every difference that would break a load."""
+    """Raise :class:`IncompatibleCheckpointError` naming each difference that would break a load."""
     problems = []
     if model is not None:
         have, saved = architecture(model), meta.get("architecture", {})

@@ -91,7 +91,9 @@ def _stable(row: dict) -> dict:
 
 def test_tiny_run_end_to_end(demo, tmp_path):
     run_dir = tmp_path / "run"
-    out = _train(_overrides(demo, run_dir, 4, "checkpoint.save_every=2", "log.samples_every=2"))
+    heldout = demo / "shards" / "demo-000003.tar"
+    out = _train(_overrides(demo, run_dir, 4, "checkpoint.save_every=2", "log.samples_every=2",
+                            "eval.every=2", f"eval.shards={heldout}", "eval.num_documents=4"))
     assert "step 4/4" in out and "[rlp] done: 4 steps" in out
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -101,6 +103,10 @@ def test_tiny_run_end_to_end(demo, tmp_path):
         bad = [k for k in REQUIRED if not math.isfinite(row[k])]
         assert not bad, f"non-finite metrics at step {row['step']}: {bad}"
     assert rows[-1]["progress/thought_tokens"] > 0 and rows[-1]["progress/ntp_tokens"] > 0
+    for row in rows:
+        has_eval = row["step"] % 2 == 0
+        assert ("eval/info_gain" in row) == has_eval and ("eval/ppl" in row) == has_eval
+    assert rows[1]["eval/ppl"] > 1 and math.isfinite(rows[1]["eval/info_gain"])
     # On-policy with one update per rollout: the ratio is exactly 1 and nothing is clipped.
     assert all(r["ratio/mean"] == pytest.approx(1.0, abs=1e-6) for r in rows)
     assert all(r["rollout/logprob_consistency"] < 1.0001 for r in rows)

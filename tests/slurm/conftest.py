@@ -185,9 +185,10 @@ class Slurm:
             if until(job):
                 return job
             time.sleep(0.5)
+        queue = subprocess.run(["squeue"], capture_output=True, text=True, timeout=30).stdout
         pytest.fail(
             f"job {job_id} timed out after {timeout:.0f} s in state "
-            f"{self.job(job_id).get('JobState')}\n{self.log(run_dir, job_id)}"
+            f"{self.job(job_id).get('JobState')}; queue:\n{queue}\n{self.log(run_dir, job_id)}"
         )
 
     def log(self, run_dir: Path, job_id: str) -> str:

@@ -18,7 +18,8 @@ Contract (same as ``rlp.trainer``):
   resumed run equals an uninterrupted one only if it resumed from the right state.
 
 Each rank also writes ``RUN_DIR/ranks/rank<R>.attempt<A>.json`` (the launch environment it saw).
-Step time: env ``FAKE_STEP_SECONDS`` (default 0.3).
+Step time: env ``FAKE_STEP_SECONDS`` (default 0.3). ``FAKE_EXIT_75_AT_STEP=N``: on the first
+attempt, checkpoint and exit 75 after step N without any signal (a trainer-initiated requeue).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def train(argv: list[str]) -> int:
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
     delay = float(os.environ.get("FAKE_STEP_SECONDS", "0.3"))
+    exit_at = int(os.environ.get("FAKE_EXIT_75_AT_STEP", "0"))
     metrics = open(run_dir / "metrics.jsonl", "a", buffering=1) if rank == 0 else None  # noqa: SIM115
     while step < cfg.run.max_steps:
         t0 = time.perf_counter()
@@ -142,6 +144,11 @@ def train(argv: list[str]) -> int:
         every = cfg.checkpoint.save_every
         if rank == 0 and ((every and step % every == 0) or step == cfg.run.max_steps):
             _save(ckpt_dir, step, weights)
+        if step == exit_at and attempt == 0:  # a trainer-initiated requeue (e.g. a time budget)
+            if rank == 0:
+                _save(ckpt_dir, step, weights)
+            print(f"[fake] rank {rank}: exit {REQUEUE_EXIT_CODE} at step {step}", flush=True)
+            return REQUEUE_EXIT_CODE
         if flag is not None and flag.name is not None:
             if rank == 0:
                 _save(ckpt_dir, step, weights)

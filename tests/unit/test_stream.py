@@ -76,18 +76,27 @@ def test_tp_peers_get_identical_batches(shards: ShardSet) -> None:
 
 
 @pytest.mark.parametrize(
-    ("workers", "buffer", "cuts"),
-    [(0, 8, [1, 7, 47, 49, 95]), (2, 8, [1, 6, 13, 48, 90]), (0, 0, [5, 60]), (2, 64, [3, 51])],
+    ("workers", "buffer", "chunk", "cuts"),
+    [
+        (0, 8, 32, [1, 7, 47, 49, 95]),
+        (2, 8, 32, [1, 6, 13, 48, 90]),
+        (2, 8, 3, [2, 3, 4, 7, 50]),  # many chunk boundaries: the round-robin resumes mid-way
+        (0, 0, 32, [5, 60]),
+        (2, 64, 32, [3, 51]),
+    ],
 )
-def test_resume_continues_exactly(shards: ShardSet, workers: int, buffer: int, cuts: list) -> None:
-    full = _keys(_docs(shards, num_workers=workers, shuffle_buffer=buffer))
+def test_resume_continues_exactly(
+    shards: ShardSet, workers: int, buffer: int, chunk: int, cuts: list
+) -> None:
+    kw = dict(num_workers=workers, shuffle_buffer=buffer, worker_chunk=chunk)
+    full = _keys(_docs(shards, **kw))
     assert len(full) == 96 and len(set(full)) == 96
     for n in cuts:
-        stream = _docs(shards, num_workers=workers, shuffle_buffer=buffer)
+        stream = _docs(shards, **kw)
         head = _keys(stream, n)
         state = json.loads(json.dumps(stream.state_dict()))  # plain data, survives JSON
         stream.close()
-        resumed = _docs(shards, num_workers=workers, shuffle_buffer=buffer)
+        resumed = _docs(shards, **kw)
         resumed.load_state_dict(state)
         assert head + _keys(resumed) == full, f"resume after {n} documents"
 
@@ -117,7 +126,7 @@ def test_rlp_stream_resume_with_contexts_and_ntp(shards: ShardSet, workers: int)
     got += [step(resumed) for _ in range(15)]
     assert got == ref
     stats = resumed.stats()
-    assert stats["contexts"] == 100 and stats["epoch"] == 1 and stats["skipped_shards"] == 0
+    assert stats["contexts"] == 100 and stats["documents"] == 34 and stats["skipped_shards"] == 0
 
 
 def test_resume_refuses_a_changed_layout(shards: ShardSet) -> None:
@@ -228,3 +237,28 @@ def test_no_readable_documents_is_an_error(tmp_path: Path) -> None:
     ss.paths[0].write_bytes(b"\0" * 1024)  # a valid but empty tar
     with pytest.raises(DataError, match="no readable documents"):
         _keys(_docs(ss, on_corrupt="skip"))
+
+
+def test_resume_fast_forwards_consumed_shards_unopened(
+    shards: ShardSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rlp.data.cursor as cursor_module
+
+    opened: list[str] = []
+
+    class SpySource(cursor_module.ShardSource):
+        def __init__(self, url: str) -> None:
+            opened.append(url)
+            super().__init__(url)
+
+    monkeypatch.setattr(cursor_module, "ShardSource", SpySource)
+    full = _keys(_docs(shards, max_epochs=1))
+    assert len(opened) == 8
+    stream = _docs(shards, max_epochs=1)
+    head = _keys(stream, 40)
+    opened.clear()
+    resumed = _docs(shards, max_epochs=1)
+    resumed.load_state_dict(stream.state_dict())
+    assert head + _keys(resumed) == full
+    # Only shards holding documents still in the 8-slot shuffle buffer are read again.
+    assert 1 <= len(opened) <= 3, opened

@@ -33,6 +33,7 @@ CASES = {
     "llama_tied": ("llama", dict(tie_word_embeddings=True), 256),
     "llama_untied_padded": ("llama", dict(tie_word_embeddings=False), 250),
     "qwen3_tied_hd32": ("qwen3", dict(tie_word_embeddings=True, head_dim=32), 256),
+    # Qwen3Config defaults to head_dim 128 (!= hidden / heads = 16).
     "qwen3_untied_padded": ("qwen3", dict(tie_word_embeddings=False), 250),
 }
 
@@ -53,9 +54,17 @@ def make_hf_model(family: str, extra: dict, vocab: int, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        family, vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        rms_norm_eps=1e-6, rope_theta=10000.0, **extra,
+        family,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        **extra,
     )
     torch.manual_seed(len(family) + vocab)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -130,8 +139,15 @@ def main() -> None:
         destroy_model_parallel()
     # The CLI at TP=2; the pytest wrapper converts the result back at TP=1.
     t0 = time.perf_counter()
-    rc = convert_main(["hf-to-mcore", str(work / "hf_qwen3_untied_padded"),
-                       str(work / "mcore_qwen3"), "--tp", "2"])
+    rc = convert_main(
+        [
+            "hf-to-mcore",
+            str(work / "hf_qwen3_untied_padded"),
+            str(work / "mcore_qwen3"),
+            "--tp",
+            "2",
+        ]
+    )
     report["hf_to_mcore_rc"] = rc
     report["hf_to_mcore_seconds"] = time.perf_counter() - t0
     if env.rank == 0:

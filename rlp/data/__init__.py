@@ -1,0 +1,54 @@
+"""Training data: token shards, the DP-aware resumable stream, RLP contexts, NTP packing.
+
+Submodules: :mod:`~rlp.data.format` (on-disk format, manifest, errors, tar reader),
+:mod:`~rlp.data.shards` (URL expansion, manifest checks, DP split, opening shards),
+:mod:`~rlp.data.cursor` (one reader lane: shuffle buffer, exact replay), :mod:`~rlp.data.stream`
+(the DP-rank stream and its cursor), :mod:`~rlp.data.contexts` (target positions, prefixes),
+:mod:`~rlp.data.packing` (packed NTP windows). The stream (and torch) is imported lazily so that
+``rlp.data.format`` stays cheap for the shard builder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlp.data.contexts import Context, ContextBuilder, document_contexts, target_positions
+from rlp.data.format import (
+    CorruptShardError,
+    DataError,
+    Manifest,
+    ManifestError,
+    TokenizerMismatchError,
+    read_manifest,
+)
+from rlp.data.packing import SequencePacker
+from rlp.data.shards import epoch_shards, expand_shard_urls
+
+_LAZY = {"DocumentStream", "Document", "RLPDataStream"}
+
+__all__ = [
+    "Context",
+    "ContextBuilder",
+    "CorruptShardError",
+    "DataError",
+    "Document",
+    "DocumentStream",
+    "Manifest",
+    "ManifestError",
+    "RLPDataStream",
+    "SequencePacker",
+    "TokenizerMismatchError",
+    "document_contexts",
+    "epoch_shards",
+    "expand_shard_urls",
+    "read_manifest",
+    "target_positions",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from rlp.data import stream
+
+        return getattr(stream, name)
+    raise AttributeError(f"module 'rlp.data' has no attribute {name!r}")
