@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = {"run.max_steps": 12, "checkpoint.save_every": 4}
-WEIGHT_KEYS = ("weights_sha256", "weights_hash", "params_sha256")
+WEIGHT_KEYS = ("weights_digest", "weights_sha256")
 
 
 @dataclass
