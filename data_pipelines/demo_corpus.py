@@ -471,9 +471,14 @@ def build_demo_corpus(
     use_reasoning_gym: bool = True,
     vocab_size: int = DEMO_VOCAB_SIZE,
     progress: bool = True,
+    tokenizer: str | Path | None = None,
 ) -> Path:
-    """Generate documents, train the tokenizer and build 4 shards into ``out_dir``."""
-    from rlp.tokenizer import train_bpe_tokenizer
+    """Generate documents, train the tokenizer and build 4 shards into ``out_dir``.
+
+    With ``tokenizer`` (a model's tokenizer, e.g. SmolLM2's) that tokenizer is saved into
+    ``out_dir/tokenizer`` and used instead of training the small demo BPE.
+    """
+    from rlp.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     if num_docs < 40:
         raise ValueError(f"--num-docs must be >= 40 to fill {NUM_SHARDS} shards, got {num_docs}")
@@ -483,7 +488,11 @@ def build_demo_corpus(
     raw = out / "raw" / "demo.jsonl"
     _write_if_changed(raw, "".join(json.dumps(d, sort_keys=True) + "\n" for d in docs).encode())
     _write_if_changed(out / "NOTICE.txt", NOTICE.format(seed=seed).encode())
-    tokenizer = train_bpe_tokenizer((d["text"] for d in docs), vocab_size, out / "tokenizer")
+    if tokenizer is None:
+        tok = train_bpe_tokenizer((d["text"] for d in docs), vocab_size, out / "tokenizer")
+    else:
+        tok = load_tokenizer(str(tokenizer).replace("~", str(Path.home()), 1))
+        tok.save(out / "tokenizer")
     build_shards(
         [raw],
         BuildOptions(
@@ -497,7 +506,7 @@ def build_demo_corpus(
     )
     if progress:
         print(
-            f"[demo_corpus] {out}: {len(docs)} documents, tokenizer {tokenizer.vocab_size} ids, "
+            f"[demo_corpus] {out}: {len(docs)} documents, tokenizer {tok.vocab_size} ids, "
             f"{time.perf_counter() - start:.1f} s",
             file=sys.stderr,
         )
@@ -533,6 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra sources that overlap the evaluation benchmarks (see module doc)",
     )
     p.add_argument("--no-reasoning-gym", action="store_true", help="own generators only")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="use this tokenizer (dir, tokenizer.json, .gguf or hub name) instead of training one",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
     build_demo_corpus(
@@ -543,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_reasoning_gym=not args.no_reasoning_gym,
         vocab_size=args.vocab_size,
         progress=not args.quiet,
+        tokenizer=args.tokenizer,
     )
     return 0
 

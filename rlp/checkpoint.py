@@ -76,7 +76,10 @@ class LoadedCheckpoint:
     """This rank's RNG states in :func:`rlp.state.capture_rng` form (``restore_rng`` them)."""
     same_layout: bool
     """False when world/TP/DP sizes differ from the saver's: per-rank state came from
-    ``source_rank``'s file and data cursors / RNG streams do not continue bit-exactly."""
+    ``source_rank``'s file and RNG streams do not continue bit-exactly."""
+    same_data_layout: bool
+    """True when DP (and PP) sizes match the saver's: the data cursor in ``train_state`` is this
+    rank's own DP slot and continues exactly (a TP-only change keeps the data order)."""
     source_rank: int
 
 
@@ -151,6 +154,11 @@ class CheckpointManager:
             self.remove_stale()
 
     # ------------------------------------------------------------------ finding checkpoints
+
+    def prepare_for_signals(self) -> None:
+        """Start the checkpoint writer's helper process so a SIGTERM cannot kill it before the
+        save that the signal asks for (see :func:`rlp.model.sharded.start_checkpoint_writer_service`)."""
+        sharded.start_checkpoint_writer_service()
 
     def should_save(self, step: int) -> bool:
         """True every ``save_every`` steps (never at step 0; the end of a run is the caller's)."""
@@ -331,8 +339,17 @@ class CheckpointManager:
     def _load_rank_state(self, path: Path, meta: dict[str, Any]) -> LoadedCheckpoint:
         layout = sharded.parallel_layout()
         rank = torch.distributed.get_rank()
-        same = meta["layout"] == layout
-        source = rank if same or rank < meta["layout"]["world_size"] else 0
+        saved = meta["layout"]
+        same = saved == layout
+        same_dp = saved["dp_size"] == layout["dp_size"] and saved["pp_size"] == layout["pp_size"]
+        if same:
+            source = rank
+        elif same_dp:
+            # Only TP changed: take the state of a saver rank in the same DP slot, whose data
+            # cursor is exactly this rank's (megatron orders ranks TP-fastest, dp = rank // tp).
+            source = (rank // layout["tp_size"]) * saved["tp_size"]
+        else:
+            source = rank if rank < saved["world_size"] else 0
         file = path / RANK_STATE_DIR / f"rank_{source:05d}.pt"
         if not file.is_file():
             raise CheckpointError(f"{path} is missing per-rank state {file.name}")
@@ -341,9 +358,9 @@ class CheckpointManager:
             sharded.set_rng_tracker_states(raw["megatron_rng"])
         elif rank == 0:
             warnings.warn(
-                f"{path} was saved with layout {meta['layout']}, this job is {layout}: "
-                "per-rank data cursors and RNG streams are taken from the saver's rank "
-                f"{source} and will not continue bit-exactly",
+                f"{path} was saved with layout {saved}, this job is {layout}: RNG streams are "
+                f"taken from the saver's rank {source}"
+                + ("" if same_dp else "; the data order restarts (DP size changed)"),
                 stacklevel=3,
             )
         return LoadedCheckpoint(
@@ -353,6 +370,7 @@ class CheckpointManager:
             train_state=_decode(raw["train_state"]),
             rng_state=_decode(raw["rng"]),
             same_layout=same,
+            same_data_layout=same_dp,
             source_rank=source,
         )
 

@@ -111,7 +111,7 @@ def submit_main(argv: list[str]) -> int:
 
 
 def status_main(argv: list[str]) -> int:
-    from rlp.submit import status_main as run
+    from rlp.status import status_main as run
 
     return int(run(argv) or 0)
 

@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import os
 import textwrap
 import types
 import typing
@@ -524,14 +525,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+PATH_KEYS = frozenset({
+    "run.output_dir", "tokenizer.path", "data.manifest", "checkpoint.dir", "checkpoint.init_from",
+    "eval.shards",
+})
+"""Path-valued keys whose leading ``~`` is expanded to the home directory."""
+
+
 def _expand_refs(cfg: Config) -> None:
-    """Expand ``${section.key}`` inside string fields, in section order (one level deep)."""
+    """Expand ``${section.key}`` inside string fields (section order, one level deep) and a
+    leading ``~`` in path keys."""
     for section in SECTIONS:
         sub = getattr(cfg, section)
         for f in dataclasses.fields(sub):
             value = getattr(sub, f.name)
             if isinstance(value, str) and "${" in value:
-                setattr(sub, f.name, _expand_string(cfg, value, f"{section}.{f.name}"))
+                value = _expand_string(cfg, value, f"{section}.{f.name}")
+            if isinstance(value, str) and f"{section}.{f.name}" in PATH_KEYS:
+                value = os.path.expanduser(value)
+            setattr(sub, f.name, value)
 
 
 def _expand_string(cfg: Config, value: str, key: str) -> str:

@@ -112,7 +112,10 @@ class Trainer:
         self.state = TrainState()
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir)
         self._restore_or_init()
-        self.signals = SignalFlag() if cfg.checkpoint.save_on_signal else None
+        self.signals = None
+        if cfg.checkpoint.save_on_signal:
+            self.checkpoints.prepare_for_signals()
+            self.signals = SignalFlag()
         self._rewards: torch.Tensor | None = None  # last step's rewards, for the sample table
         self.timer = PhaseTimer(torch.cuda.synchronize if self.device.type == "cuda" else None)
         self.logger = MetricsLogger(
@@ -153,8 +156,15 @@ class Trainer:
             )
         if loaded is not None:
             self.state = TrainState.from_dict(loaded.train_state)
-            self.stream.load_state_dict(self.state.data_cursor)
-            restore_rng(loaded.rng_state)
+            if loaded.same_data_layout:
+                self.stream.load_state_dict(self.state.data_cursor)
+            else:
+                dist.print0(
+                    "[rlp] warning: the data-parallel size changed since the checkpoint; the "
+                    "data stream restarts from the beginning of its order"
+                )
+            if loaded.rng_state is not None:
+                restore_rng(loaded.rng_state)
             dist.print0(f"[rlp] resumed from {loaded.path} at step {self.state.step}")
         elif self.cfg.checkpoint.init_from:
             self.checkpoints.load_weights(self.cfg.checkpoint.init_from, self.model, self.cfg)
@@ -173,7 +183,7 @@ class Trainer:
                 step = self.state.step
                 if self.checkpoints.should_save(step) or step == cfg.run.max_steps:
                     self.save()
-                if self.signals is not None and self.signals.raised:
+                if self.signals is not None and self.signals.raised_anywhere():
                     self.save()
                     dist.print0(f"[rlp] signal {self.signals.name}: checkpointed step {step}")
                     raise SystemExit(REQUEUE_EXIT_CODE)

@@ -2,19 +2,20 @@
 
 This module owns the one adapter between a checkpoint on disk and the runner's
 ``generate_fn(prompts, num_samples, temperature, max_new_tokens, seed) -> list[list[str]]``
-contract (see :mod:`rlp.eval.runner`). It is the only module of :mod:`rlp.eval` that touches
-torch / transformers, and it imports them lazily.
+contract (see :mod:`rlp.eval.runner`). With :mod:`rlp.eval.megatron_generation` it is the only
+part of :mod:`rlp.eval` that touches torch / transformers, and it imports them lazily (the
+megatron module is imported only when that backend is chosen).
 
-Supported today: a local **Hugging Face model directory** (``config.json`` + weights +
+The ``hf`` backend: a local **Hugging Face model directory** (``config.json`` + weights +
 tokenizer files, as written by ``save_pretrained``), loaded with ``AutoModelForCausalLM`` and
 ``AutoTokenizer``. Generation is batched with left padding, greedy when ``temperature == 0`` and
 plain temperature sampling otherwise (``top_p = 1``, ``top_k`` off, so the model's own
 ``generation_config`` cannot silently change the protocol), and stops at EOS or at the prompt
 set's stop strings. It runs on CUDA when available (bf16) and on CPU otherwise (fp32).
 
-The Megatron-checkpoint path (our own sampler with tensor parallelism) will be added by the
-checkpoint issue; until then a Megatron checkpoint must be exported to a Hugging Face directory
-first, and ``tp`` must be 1.
+The Megatron backend (rlp's own model and KV-cache sampler, tensor parallelism, HF directories
+and rlp checkpoints) lives in :mod:`rlp.eval.megatron_generation`; :func:`load_generate_fn`
+dispatches between the two (``backend="hf" | "megatron" | "auto"``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlp.eval.prompts import STOP_STRINGS, truncate_at_stop
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from rlp.eval.megatron_generation import MegatronGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -129,17 +133,54 @@ class HFGenerator:
         return [truncate_at_stop(t, self.stop_strings) for t in decoded]
 
 
+BACKENDS = ("auto", "megatron", "hf")
+"""``auto`` = ``megatron`` when megatron-core imports, else ``hf``."""
+
+
+def resolve_backend(backend: str) -> str:
+    """``megatron`` or ``hf`` for a :data:`BACKENDS` name (``auto`` tries to import megatron)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    from rlp.eval.megatron_generation import megatron_available
+
+    return "megatron" if megatron_available() else "hf"
+
+
 def load_generate_fn(checkpoint: str | Path, tp: int = 1, batch_size: int = 8, seed: int = 0,
                      *, device: str | None = None, dtype: str | None = None,
-                     stop_strings: Sequence[str] = STOP_STRINGS, top_p: float = 1.0
-                     ) -> HFGenerator:
-    """Build the runner's ``generate_fn`` from a local Hugging Face model directory.
+                     stop_strings: Sequence[str] = STOP_STRINGS, top_p: float = 1.0,
+                     backend: str = "hf", max_batch_rows: int | None = None
+                     ) -> HFGenerator | MegatronGenerator:
+    """Build the runner's ``generate_fn`` from a checkpoint with the chosen ``backend``.
 
-    ``tp`` must be 1 (tensor parallelism needs the Megatron path, see the module docstring).
-    ``seed`` seeds torch before loading; every generate call then reseeds with its own seed.
+    ``backend="hf"`` (the default, for backward compatibility): a local Hugging Face model
+    directory through transformers (:class:`HFGenerator`); ``tp`` must be 1 and ``batch_size``
+    bounds the sequences per ``generate`` call. ``backend="megatron"``: an HF directory or an
+    rlp checkpoint through rlp's model and sampler
+    (:func:`rlp.eval.megatron_generation.load_megatron_generate_fn`), with ``tp`` ranks
+    (``torchrun --nproc-per-node tp``); all prompts of a call are decoded together, at most
+    ``max_batch_rows`` rows at a time (``batch_size`` is not used). ``backend="auto"``: megatron
+    when megatron-core imports, else hf.
+
+    ``seed`` seeds torch before loading; every generate call then samples with its own seed.
     ``device`` defaults to ``cuda`` when available, else ``cpu``; ``dtype`` to ``bfloat16`` on
     CUDA and ``float32`` on CPU.
     """
+    if resolve_backend(backend) == "megatron":
+        from rlp.eval.megatron_generation import load_megatron_generate_fn
+
+        return load_megatron_generate_fn(checkpoint, tp, seed, device=device, dtype=dtype,
+                                         stop_strings=stop_strings, top_p=top_p,
+                                         max_batch_rows=max_batch_rows)
+    return _load_hf_generate_fn(checkpoint, tp, batch_size, seed, device=device, dtype=dtype,
+                                stop_strings=stop_strings, top_p=top_p)
+
+
+def _load_hf_generate_fn(checkpoint: str | Path, tp: int, batch_size: int, seed: int, *,
+                         device: str | None, dtype: str | None, stop_strings: Sequence[str],
+                         top_p: float) -> HFGenerator:
     path = Path(checkpoint).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint {path} is not a directory; pass a Hugging Face "
@@ -147,12 +188,12 @@ def load_generate_fn(checkpoint: str | Path, tp: int = 1, batch_size: int = 8, s
     if not (path / "config.json").is_file():
         raise ValueError(
             f"--checkpoint {path} has no config.json, so it is not a Hugging Face model "
-            "directory. Megatron checkpoints are not loadable here yet: export the checkpoint to "
-            "a Hugging Face directory and pass that."
+            "directory. Evaluate an rlp (Megatron) checkpoint with --backend megatron, or "
+            "export it with `rlp convert mcore-to-hf` and pass that directory."
         )
     if tp != 1:
-        raise ValueError(f"--tp {tp}: the Hugging Face path runs the model on one device; "
-                         "pass --tp 1 (tensor parallelism comes with the Megatron path)")
+        raise ValueError(f"--tp {tp}: the Hugging Face backend runs the model on one device; "
+                         "pass --tp 1, or use --backend megatron for tensor parallelism")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

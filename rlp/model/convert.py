@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,10 +206,17 @@ def _chunk(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return t.chunk(size, dim=dim)[rank]
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] > rows:
-        raise ConversionError(f"HF vocabulary {t.shape[0]} exceeds the model's padded vocab {rows}")
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+def _pad_rows(t: torch.Tensor, rows: int, new_tokens: int = 0) -> torch.Tensor:
+    """Extend a vocabulary matrix to ``rows``: ``new_tokens`` rows for tokens the tokenizer added
+    (e.g. ``<think>``) get the mean HF row, as transformers' ``resize_token_embeddings`` does,
+    so they start as ordinary-looking tokens; the remaining padding rows are zero."""
+    if t.shape[0] + new_tokens > rows:
+        raise ConversionError(
+            f"HF vocabulary {t.shape[0]} + {new_tokens} added tokens exceeds the model's padded "
+            f"vocab {rows}"
+        )
+    mean = t.mean(dim=0, keepdim=True).expand(new_tokens, *t.shape[1:])
+    return torch.cat([t, mean, t.new_zeros(rows - t.shape[0] - new_tokens, *t.shape[1:])])
 
 
 class _Reader:
@@ -230,11 +238,14 @@ def hf_to_mcore_shard(
     tp_rank: int = 0,
     tp_size: int = 1,
     *,
+    vocab_size: int | None = None,
     used: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """TP rank ``tp_rank``'s megatron tensors (local-spec names) from an HF state dict.
 
-    ``used`` (optional) collects the HF keys that were read.
+    ``vocab_size``: the model's real (unpadded) vocabulary, when it differs from the HF one:
+    tokens the tokenizer added get the mean row, HF rows past it are dropped (default: the HF
+    vocabulary). ``used`` (optional) collects the HF keys read.
     """
     a, r, n, get = arch, tp_rank, tp_size, _Reader(hf)
     if a.num_groups % n or a.num_heads % a.num_groups:
@@ -244,7 +255,17 @@ def hf_to_mcore_shard(
         )
 
     def vocab_rows(key: str) -> torch.Tensor:
-        return _chunk(_pad_rows(get(key), a.padded_vocab), 0, r, n)
+        rows = get(key)
+        added = 0 if vocab_size is None else vocab_size - rows.shape[0]
+        if added < 0:
+            # HF checkpoints may pad their embedding beyond the tokenizer (Qwen3: 151936 rows
+            # for 151669 tokens); ids past the tokenizer's vocabulary never occur.
+            warnings.warn(
+                f"{key}: dropping {-added} HF rows past the model's vocab_size {vocab_size}",
+                stacklevel=3,
+            )
+            rows, added = rows[:vocab_size], 0
+        return _chunk(_pad_rows(rows, a.padded_vocab, added), 0, r, n)
 
     out = {
         "embedding.word_embeddings.weight": vocab_rows("model.embed_tokens.weight"),
@@ -449,7 +470,8 @@ def load_hf_into_model(
     """Copy HF weights (a model dir or a state dict) into this rank's shard of ``model``.
 
     ``tp_rank``/``tp_size`` default to megatron's parallel state. Every model parameter must be
-    filled and every HF tensor used (tied ``lm_head`` and rotary buffers excepted).
+    filled and every HF tensor used (tied ``lm_head`` and rotary buffers excepted). Tokens the
+    tokenizer added beyond the HF vocabulary (``<think>``, ``</think>``) start at the mean row.
     """
     from megatron.core import parallel_state
 
@@ -471,7 +493,8 @@ def load_hf_into_model(
         hf = read_hf_weights(hf)
     used: set[str] = set()
     try:
-        shard = hf_to_mcore_shard(hf, arch, tp_rank, tp_size, used=used)
+        vocab = getattr(gpt, "rlp_vocab_size", None)  # incl. tokens the tokenizer added
+        shard = hf_to_mcore_shard(hf, arch, tp_rank, tp_size, vocab_size=vocab, used=used)
     except RuntimeError as e:  # a reshape of a tensor with foreign dimensions
         raise ConversionError(f"HF weights do not fit the model ({arch}): {e}") from None
     params = {local_name(n): p for n, p in gpt.named_parameters()}

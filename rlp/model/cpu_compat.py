@@ -158,6 +158,14 @@ def apply() -> None:
     if _APPLIED or torch.cuda.is_available():
         return
 
+    # ``with torch.device("meta")`` (transformers' model init) intercepts the factory functions
+    # it finds in a set cached on first use. Fill that cache with the *original* functions before
+    # row 4 wraps them; otherwise a transformers model built later in this process silently gets
+    # real, uninitialised RoPE buffers (SmolLM2 logits off by up to 35).
+    import torch.utils._device as _torch_device
+
+    _torch_device._device_constructors()
+
     # Row 2: ~220 megatron sites do ``device=torch.cuda.current_device()``, which asserts
     # "Torch not compiled with CUDA enabled" (first hit: RotaryEmbedding.get_emb).
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]

@@ -485,3 +485,25 @@ def save_weights_checkpoint(
         result = finalize_checkpoint(tmp, out, meta)
     barrier()
     return result
+
+
+def start_checkpoint_writer_service() -> None:
+    """Start megatron's checkpoint-writer helper process now, immune to job signals.
+
+    The torch_dist writer lazily starts a ``multiprocessing`` Manager (spawn) on the first save.
+    SLURM delivers SIGTERM (scancel, pre-emption, time limit) and ``--signal`` to every process of
+    the job, so that helper dies and the checkpoint we save *because of* the signal then fails
+    with ``BrokenPipeError``. Signals set to SIG_IGN stay ignored across exec, so starting the
+    helper while they are ignored makes it survive; the caller's handlers are put back after.
+    """
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    signals = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2]
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

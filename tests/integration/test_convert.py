@@ -144,6 +144,26 @@ def test_weight_mapping_round_trip_and_layout(hf_config: dict, tp: int) -> None:
     assert torch.equal(fc1[rows:], hf["model.layers.1.mlp.up_proj.weight"][-rows:])
 
 
+def test_vocabulary_rows_for_added_and_unused_tokens() -> None:
+    """Tokens the tokenizer added (``<think>``) start at the mean row; padding stays zero; HF
+    rows past the model's vocabulary (Qwen3 pads its embedding) are dropped with a warning."""
+    arch = Arch.from_model_config(hf_to_model_config(QWEN3), padded_vocab=256)
+    hf = random_hf_state(arch, vocab=250)
+    shard = hf_to_mcore_shard(hf, arch, vocab_size=252)
+    for hf_key, key in (
+        ("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
+        ("lm_head.weight", "output_layer.weight"),
+    ):
+        rows, src = shard[key], hf[hf_key]
+        assert torch.equal(rows[:250], src)
+        assert torch.allclose(rows[250:252], src.mean(0).expand(2, -1))
+        assert not rows[252:].any()
+    with pytest.warns(UserWarning, match="dropping 10 HF rows past the model's vocab_size 240"):
+        shard = hf_to_mcore_shard(hf, arch, vocab_size=240)
+    emb = shard["embedding.word_embeddings.weight"]
+    assert torch.equal(emb[:240], hf["model.embed_tokens.weight"][:240]) and not emb[240:].any()
+
+
 def test_mapping_errors_name_the_problem() -> None:
     arch = Arch.from_model_config(hf_to_model_config(QWEN3), padded_vocab=256)
     hf = random_hf_state(arch, vocab=250)
@@ -153,7 +173,7 @@ def test_mapping_errors_name_the_problem() -> None:
     with pytest.raises(ConversionError, match="lack 'model.layers.1.self_attn.k_norm.weight'"):
         hf_to_mcore_shard(hf, arch, 0, 1)
     small = Arch.from_model_config(hf_to_model_config(QWEN3), padded_vocab=128)
-    with pytest.raises(ConversionError, match="exceeds the model's padded vocab 128"):
+    with pytest.raises(ConversionError, match="250 \\+ 0 added tokens exceeds the model's padded"):
         hf_to_mcore_shard(random_hf_state(arch, vocab=250), small, 0, 1)
 
 

@@ -53,6 +53,13 @@ def test_smollm2_logits_match_transformers(
     assert not (tmp_path / "smollm2.tmp").exists()
 
     t0 = time.perf_counter()
+    with torch.device("meta"):
+        meta_ok = torch.arange(2).device.type == "meta"
+    assert meta_ok, (
+        "torch.device('meta') no longer reaches torch.arange in this process: a factory shim "
+        "(rlp.model.cpu_compat) wrapped torch.arange & co. before torch.utils._device cached its "
+        "constructor set, so transformers builds models with garbage RoPE buffers"
+    )
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert getattr(hf.config, "quantization_config", None) is None

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlp.submit import latest_checkpoint
+from rlp.status import latest_checkpoint
 
 pytestmark = pytest.mark.slurm
 
@@ -160,7 +160,7 @@ def test_cpu_job_runs_to_completion(slurm, reference: Run) -> None:
 
 
 def test_status_reports_finished_run(slurm, reference: Run, capsys) -> None:
-    from rlp.submit import status_main
+    from rlp.status import status_main
 
     assert status_main([str(reference.run_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -145,3 +145,10 @@ def test_resolved_config_round_trips(tmp_path):
     out = C.save_config(cfg, tmp_path / "run" / "config.yaml")
     again = C.load_config(out)
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_home_is_expanded_in_path_keys(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = C.load_config(None, ["checkpoint.init_from=~/models/x", "run.name=~x"])
+    assert cfg.checkpoint.init_from == f"{tmp_path}/models/x"
+    assert cfg.run.name == "~x"  # not a path key: left alone

@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 
 from rlp.config import load_config
+from rlp.status import latest_checkpoint, status_main
 from rlp.submit import (
     PARAMS_MARKER,
     SubmitError,
-    latest_checkpoint,
     parse_slurm_time,
     render_script,
-    status_main,
     submit_main,
 )
 
