@@ -157,7 +157,7 @@ class CheckpointManager:
 
     def prepare_for_signals(self) -> None:
         """Start the checkpoint writer's helper process so a SIGTERM cannot kill it before the
-        save that the signal asks for (see :func:`rlp.model.sharded.start_checkpoint_writer_service`)."""
+        save that the signal asks for (``sharded.start_checkpoint_writer_service``)."""
         sharded.start_checkpoint_writer_service()
 
     def should_save(self, step: int) -> bool:

@@ -32,7 +32,9 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name})"
     )
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_thoughts=8")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. rollout.num_thoughts=8"
+    )
     return parser
 
 
@@ -134,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"rlp: unknown command '{command}'; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"rlp: unknown command '{command}'; choose from {', '.join(COMMANDS)}", file=sys.stderr
+        )
         return 2
     try:
         return COMMANDS[command](rest)

@@ -140,7 +140,7 @@ class DataConfig:
     """Training stream: shards, splitting, contexts for RLP and packed NTP batches."""
 
     shards: str = "data/demo/shards/demo-{000000..000003}.tar"
-    """Shard URLs: a path, glob, brace pattern, ``file://`` URL or ``pipe:`` command; comma-separated."""
+    """Shard URLs: path, glob, brace pattern, ``file://`` URL or ``pipe:`` command; comma list."""
     manifest: str | None = None
     """manifest.json of the shard set; ``null`` looks next to the first shard."""
     build_demo_if_missing: bool = False
@@ -525,10 +525,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-PATH_KEYS = frozenset({
-    "run.output_dir", "tokenizer.path", "data.manifest", "checkpoint.dir", "checkpoint.init_from",
-    "eval.shards",
-})
+PATH_KEYS = frozenset(
+    {
+        "run.output_dir",
+        "tokenizer.path",
+        "data.manifest",
+        "checkpoint.dir",
+        "checkpoint.init_from",
+        "eval.shards",
+    }
+)
 """Path-valued keys whose leading ``~`` is expanded to the home directory."""
 
 
@@ -601,8 +607,10 @@ def validate(cfg: Config) -> None:
             f"model.hidden_size ({m.hidden_size}) is not divisible by model.num_attention_heads "
             f"({m.num_attention_heads}); set model.kv_channels explicitly"
         )
-    for what, n in (("num_attention_heads", m.num_attention_heads),
-                    ("num_query_groups", m.num_query_groups)):
+    for what, n in (
+        ("num_attention_heads", m.num_attention_heads),
+        ("num_query_groups", m.num_query_groups),
+    ):
         if n % p.tp_size:
             raise ConfigError(
                 f"parallel.tp_size={p.tp_size} does not divide model.{what}={n}; choose a "
@@ -628,7 +636,9 @@ def validate(cfg: Config) -> None:
     if o.rl_weight < 0 or o.ntp_weight < 0:
         raise ConfigError("objective.rl_weight and objective.ntp_weight must be >= 0")
     if o.rl_weight == 0 and o.ntp_weight == 0:
-        raise ConfigError("objective.rl_weight and objective.ntp_weight are both 0: nothing to train")
+        raise ConfigError(
+            "objective.rl_weight and objective.ntp_weight are both 0: nothing to train"
+        )
     if o.rl_weight == 0 and o.ntp_every > 1:
         raise ConfigError(
             "objective.rl_weight=0 with objective.ntp_every > 1 leaves steps with nothing to "

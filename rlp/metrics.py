@@ -121,7 +121,8 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.close()
         kept = [
-            line for line in path.read_text().splitlines()
+            line
+            for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step
         ]
         path.write_text("".join(line + "\n" for line in kept))

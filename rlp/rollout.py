@@ -170,7 +170,7 @@ def layout_rollouts(
 def baseline_sequences(
     contexts: list[Context], system_ids: Sequence[int], ema_context: str
 ) -> list[list[int]]:
-    """No-thought sequences for S_ema (Eq. 4): prefix + target, or system prompt + prefix + target."""
+    """No-thought sequences for S_ema (Eq. 4): [system prompt +] prefix + target."""
     head = list(system_ids) if ema_context == "prompt" else []
     return [[*head, *c.prefix, *c.target] for c in contexts]
 

@@ -92,10 +92,12 @@ def score_rollouts(
             logp_old.append(logp)
             s_pred.append(last_k(logp, rollout.sequences[rows], k))
         with teacher():
-            s_ema = torch.cat([
-                last_k(token_logprobs(model, inputs, labels), baseline[rows], k)
-                for rows, inputs, labels in micro_batches(baseline, micro_batch, pad_id, device)
-            ])
+            s_ema = torch.cat(
+                [
+                    last_k(token_logprobs(model, inputs, labels), baseline[rows], k)
+                    for rows, inputs, labels in micro_batches(baseline, micro_batch, pad_id, device)
+                ]
+            )
             logp_ref = None
             if with_reference:
                 logp_ref = [token_logprobs(model, inputs, labels) for _, inputs, labels in batches]

@@ -429,12 +429,14 @@ class Trainer:
         for row in range(min(self.cfg.log.num_samples, rollout.num_rows)):
             seq = rollout.sequences[row]
             start = int(rollout.thought_start[row]) + 1
-            rows.append({
-                "prefix_tail": decode(seq[max(0, start - 40) : start]),
-                "thought": decode(rollout.thoughts[row]),
-                "target": decode(seq[-rollout.target_len :]),
-                "reward": float(self._rewards[row]),
-            })
+            rows.append(
+                {
+                    "prefix_tail": decode(seq[max(0, start - 40) : start]),
+                    "thought": decode(rollout.thoughts[row]),
+                    "target": decode(seq[-rollout.target_len :]),
+                    "reward": float(self._rewards[row]),
+                }
+            )
         return rows
 
     def save(self) -> None:

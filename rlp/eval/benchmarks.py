@@ -121,28 +121,96 @@ def _science_protocols() -> tuple[Protocol, ...]:
 REGISTRY: dict[str, BenchmarkSpec] = {
     spec.name: spec
     for spec in (
-        BenchmarkSpec("aime25", "AIME25", "math", "math", "aime25", _math_protocols(),
-                      ("math-ai/aime25", None, "test"), "AIME 2025 I+II, 30 integer answers"),
-        BenchmarkSpec("math500", "MATH500", "math", "math", "math500", _math_protocols(),
-                      ("HuggingFaceH4/MATH-500", None, "test"), "MATH-500 (PRM800K split)"),
-        BenchmarkSpec("gsm8k", "GSM8K", "math", "math", "gsm8k", _math_protocols(),
-                      ("openai/gsm8k", "main", "test"), "GSM8K test, 1,319 problems"),
-        BenchmarkSpec("amc23", "AMC23", "math", "math", "amc23", _math_protocols(),
-                      ("math-ai/amc23", None, "test"), "AMC 12 2023, 40 integer answers"),
-        BenchmarkSpec("minerva_math", "Minerva", "math", "math", "minerva_math",
-                      _math_protocols(), ("math-ai/minervamath", None, "test"),
-                      "Minerva Math (MIT OCW), 272 problems; CC BY-NC-SA"),
-        BenchmarkSpec("mmlu", "MMLU", "mc", "science", "mmlu", _science_protocols(),
-                      ("cais/mmlu", "all", "test"), "MMLU test, 57 subjects, 4 choices"),
-        BenchmarkSpec("mmlu_pro", "MMLU-Pro", "mc", "science", "mmlu_pro",
-                      _science_protocols(), ("TIGER-Lab/MMLU-Pro", None, "test"),
-                      "MMLU-Pro test, 3-10 choices"),
-        BenchmarkSpec("gpqa_diamond", "GPQA", "mc", "science", "gpqa_diamond",
-                      _science_protocols(), ("Idavidrein/gpqa", "gpqa_diamond", "train"),
-                      "GPQA-Diamond, 198 questions, 4 shuffled choices"),
-        BenchmarkSpec("aime24", "AIME24", "math", "extra", "aime24", _math_protocols(),
-                      ("HuggingFaceH4/aime_2024", None, "train"),
-                      "AIME 2024 I+II (extra; not in the paper's averages)"),
+        BenchmarkSpec(
+            "aime25",
+            "AIME25",
+            "math",
+            "math",
+            "aime25",
+            _math_protocols(),
+            ("math-ai/aime25", None, "test"),
+            "AIME 2025 I+II, 30 integer answers",
+        ),
+        BenchmarkSpec(
+            "math500",
+            "MATH500",
+            "math",
+            "math",
+            "math500",
+            _math_protocols(),
+            ("HuggingFaceH4/MATH-500", None, "test"),
+            "MATH-500 (PRM800K split)",
+        ),
+        BenchmarkSpec(
+            "gsm8k",
+            "GSM8K",
+            "math",
+            "math",
+            "gsm8k",
+            _math_protocols(),
+            ("openai/gsm8k", "main", "test"),
+            "GSM8K test, 1,319 problems",
+        ),
+        BenchmarkSpec(
+            "amc23",
+            "AMC23",
+            "math",
+            "math",
+            "amc23",
+            _math_protocols(),
+            ("math-ai/amc23", None, "test"),
+            "AMC 12 2023, 40 integer answers",
+        ),
+        BenchmarkSpec(
+            "minerva_math",
+            "Minerva",
+            "math",
+            "math",
+            "minerva_math",
+            _math_protocols(),
+            ("math-ai/minervamath", None, "test"),
+            "Minerva Math (MIT OCW), 272 problems; CC BY-NC-SA",
+        ),
+        BenchmarkSpec(
+            "mmlu",
+            "MMLU",
+            "mc",
+            "science",
+            "mmlu",
+            _science_protocols(),
+            ("cais/mmlu", "all", "test"),
+            "MMLU test, 57 subjects, 4 choices",
+        ),
+        BenchmarkSpec(
+            "mmlu_pro",
+            "MMLU-Pro",
+            "mc",
+            "science",
+            "mmlu_pro",
+            _science_protocols(),
+            ("TIGER-Lab/MMLU-Pro", None, "test"),
+            "MMLU-Pro test, 3-10 choices",
+        ),
+        BenchmarkSpec(
+            "gpqa_diamond",
+            "GPQA",
+            "mc",
+            "science",
+            "gpqa_diamond",
+            _science_protocols(),
+            ("Idavidrein/gpqa", "gpqa_diamond", "train"),
+            "GPQA-Diamond, 198 questions, 4 shuffled choices",
+        ),
+        BenchmarkSpec(
+            "aime24",
+            "AIME24",
+            "math",
+            "extra",
+            "aime24",
+            _math_protocols(),
+            ("HuggingFaceH4/aime_2024", None, "train"),
+            "AIME 2024 I+II (extra; not in the paper's averages)",
+        ),
     )
 }
 """All benchmarks by name. The eight paper benchmarks plus AIME24 as an extra."""
@@ -251,8 +319,10 @@ def rows_to_items(name: str, rows: Sequence[Mapping[str, Any]], where: str) -> l
         loc = f"{where} row {i}"
         missing = [k for k in ("id", "question", "answer") if k not in row]
         if missing:
-            raise BenchmarkDataError(f"{loc}: missing key(s) {missing}; expected id, question, "
-                                     "answer (and choices for multiple choice)")
+            raise BenchmarkDataError(
+                f"{loc}: missing key(s) {missing}; expected id, question, "
+                "answer (and choices for multiple choice)"
+            )
         item_id = str(row["id"])
         if item_id in seen:
             raise BenchmarkDataError(f"{loc}: duplicate id {item_id!r}")
@@ -283,8 +353,11 @@ def rows_to_items(name: str, rows: Sequence[Mapping[str, Any]], where: str) -> l
                 f"{loc} (id {item_id!r}): free-form benchmark {name} must not have 'choices'"
             )
         subject = row.get("subject") or _subject_from_id(name, item_id)
-        items.append(BenchmarkItem(item_id, question, choices, answer, spec.name,
-                                   str(subject) if subject else None))
+        items.append(
+            BenchmarkItem(
+                item_id, question, choices, answer, spec.name, str(subject) if subject else None
+            )
+        )
     return items
 
 
@@ -309,8 +382,9 @@ def _gpqa_rows(folder: Path) -> tuple[list[dict[str, Any]], str]:
     return _read_jsonl_lines(data.decode("utf-8").split("\n"), where), where
 
 
-def load_benchmark_local(name: str, data_dir: str | os.PathLike[str] | None = None
-                         ) -> list[BenchmarkItem]:
+def load_benchmark_local(
+    name: str, data_dir: str | os.PathLike[str] | None = None
+) -> list[BenchmarkItem]:
     """Load all items of ``name`` from the normalised local files (file order)."""
     spec = get_spec(name)
     root = resolve_data_dir(data_dir)
@@ -336,6 +410,7 @@ def load_benchmark_local(name: str, data_dir: str | os.PathLike[str] | None = No
 # Hugging Face hub alternative (online only; not exercised by the offline tests).
 # --------------------------------------------------------------------------------------------
 
+
 def _pick(row: Mapping[str, Any], keys: Sequence[str], dataset: str) -> Any:
     for key in keys:
         if key in row and row[key] is not None:
@@ -345,31 +420,50 @@ def _pick(row: Mapping[str, Any], keys: Sequence[str], dataset: str) -> Any:
     )
 
 
-def _hf_row(name: str, row: Mapping[str, Any], index: int, dataset: str,
-            rng: random.Random) -> dict[str, Any]:
+def _hf_row(
+    name: str, row: Mapping[str, Any], index: int, dataset: str, rng: random.Random
+) -> dict[str, Any]:
     if name == "gsm8k":
         answer = str(_pick(row, ["answer"], dataset)).split("####")[-1].strip().replace(",", "")
         return {"id": f"gsm8k-test-{index}", "question": row["question"], "answer": answer}
     if name == "mmlu":
-        return {"id": f"{row['subject']}/{index}", "question": row["question"],
-                "choices": list(row["choices"]), "answer": LETTERS[int(row["answer"])],
-                "subject": row["subject"]}
+        return {
+            "id": f"{row['subject']}/{index}",
+            "question": row["question"],
+            "choices": list(row["choices"]),
+            "answer": LETTERS[int(row["answer"])],
+            "subject": row["subject"],
+        }
     if name == "mmlu_pro":
-        return {"id": str(row["question_id"]), "question": row["question"],
-                "choices": list(row["options"]), "answer": row["answer"],
-                "subject": row.get("category")}
+        return {
+            "id": str(row["question_id"]),
+            "question": row["question"],
+            "choices": list(row["options"]),
+            "answer": row["answer"],
+            "subject": row.get("category"),
+        }
     if name == "gpqa_diamond":
         # Same shuffle as the bundled copy (simple-evals' first repeat): one Random(0) stream.
-        options = [str(row[k]).strip() for k in ("Correct Answer", "Incorrect Answer 1",
-                                                 "Incorrect Answer 2", "Incorrect Answer 3")]
+        options = [
+            str(row[k]).strip()
+            for k in (
+                "Correct Answer",
+                "Incorrect Answer 1",
+                "Incorrect Answer 2",
+                "Incorrect Answer 3",
+            )
+        ]
         order = rng.sample(range(4), 4)
-        return {"id": str(row.get("Record ID", index)), "question": str(row["Question"]).strip(),
-                "choices": [options[j] for j in order], "answer": LETTERS[order.index(0)]}
+        return {
+            "id": str(row.get("Record ID", index)),
+            "question": str(row["Question"]).strip(),
+            "choices": [options[j] for j in order],
+            "answer": LETTERS[order.index(0)],
+        }
     question = _pick(row, ["problem", "question", "Problem", "Question"], dataset)
     answer = _pick(row, ["answer", "final_answer", "Answer", "solution"], dataset)
     item_id = row.get("id", row.get("unique_id", row.get("idx", index)))
     return {"id": str(item_id), "question": question, "answer": str(answer)}
-
 
 
 def load_benchmark_hf(name: str) -> list[BenchmarkItem]:
@@ -391,8 +485,13 @@ def load_benchmark_hf(name: str) -> list[BenchmarkItem]:
     return rows_to_items(spec.name, rows, f"hf:{dataset}")
 
 
-def load_benchmark(name: str, data_dir: str | os.PathLike[str] | None = None, *,
-                   use_hf: bool = False, limit: int | None = None) -> list[BenchmarkItem]:
+def load_benchmark(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    use_hf: bool = False,
+    limit: int | None = None,
+) -> list[BenchmarkItem]:
     """Load a benchmark (local files by default) and optionally subsample it.
 
     ``limit`` keeps ``limit`` items chosen by a fixed-seed random sample (seeded by the benchmark
@@ -417,6 +516,7 @@ def subsample(items: Sequence[BenchmarkItem], limit: int | None) -> list[Benchma
 # --------------------------------------------------------------------------------------------
 # Few-shot pools (raw dev / validation splits shipped next to the test sets).
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FewShotExample:
@@ -470,8 +570,9 @@ def load_mmlu_dev(data_dir: str | os.PathLike[str] | None = None) -> FewShotPool
             for row in reader:
                 choices = tuple(row[f"choice{j}"] for j in range(4))
                 pool.by_subject.setdefault(subject, []).append(
-                    FewShotExample(row["question"], choices, LETTERS[int(row["answer"])],
-                                   subject=subject)
+                    FewShotExample(
+                        row["question"], choices, LETTERS[int(row["answer"])], subject=subject
+                    )
                 )
     return pool
 
@@ -506,8 +607,13 @@ def load_mmlu_pro_validation(data_dir: str | os.PathLike[str] | None = None) -> 
         cut = cot.rfind("The answer is")
         if cut >= 0:
             cot = cot[:cut].strip()
-        ex = FewShotExample(str(row["question"]), tuple(str(o) for o in row["options"]),
-                            str(row["answer"]), rationale=cot, subject=str(row["category"]))
+        ex = FewShotExample(
+            str(row["question"]),
+            tuple(str(o) for o in row["options"]),
+            str(row["answer"]),
+            rationale=cot,
+            subject=str(row["category"]),
+        )
         pool.by_subject.setdefault(ex.subject or "", []).append(ex)
     return pool
 
@@ -521,12 +627,12 @@ def load_mmlu_pro_categories(data_dir: str | os.PathLike[str] | None = None) -> 
     return {str(r["question_id"]): str(r["category"]) for r in _read_parquet_rows(path)}
 
 
-def with_subjects(items: Sequence[BenchmarkItem], subjects: Mapping[str, str]
-                  ) -> list[BenchmarkItem]:
+def with_subjects(
+    items: Sequence[BenchmarkItem], subjects: Mapping[str, str]
+) -> list[BenchmarkItem]:
     """Copy of ``items`` with ``subject`` filled from ``subjects[id]`` where known."""
     out = []
     for it in items:
         subject = subjects.get(it.id, it.subject)
-        out.append(BenchmarkItem(it.id, it.question, it.choices, it.answer, it.benchmark,
-                                 subject))
+        out.append(BenchmarkItem(it.id, it.question, it.choices, it.answer, it.benchmark, subject))
     return out

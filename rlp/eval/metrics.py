@@ -115,8 +115,14 @@ def accuracy_with_ci(item_scores: Sequence[float], z: float = Z_95) -> Accuracy:
     return Accuracy(100.0 * mean, 100.0 * lo, 100.0 * hi, len(item_scores))
 
 
-def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], *, resamples: int = 2000,
-                        seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap_ci(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
     """Mean difference ``b - a`` (percent) over paired items and its percentile bootstrap CI.
 
     Items are resampled with replacement (numpy ``default_rng(seed)``, in chunks so MMLU-sized
@@ -149,8 +155,9 @@ def math_avg(scores: Mapping[str, float], convention: MathAvgConvention = "/5") 
     ``"4sets"``: mean of MATH500, GSM8K, AMC23, Minerva (no AIME25).
     """
     if convention not in MATH_AVG_CONVENTIONS:
-        raise ValueError(f"unknown Math Avg convention {convention!r}; use one of "
-                         f"{MATH_AVG_CONVENTIONS}")
+        raise ValueError(
+            f"unknown Math Avg convention {convention!r}; use one of {MATH_AVG_CONVENTIONS}"
+        )
     names = MATH_SETS[1:] if convention == "4sets" else MATH_SETS
     missing = [n for n in names if n not in scores]
     if missing:
@@ -198,10 +205,12 @@ class Aggregates:
         }
 
 
-def compute_aggregates(math_scores: Mapping[str, float],
-                       science_greedy: Mapping[str, float],
-                       science_sampled: Mapping[str, float],
-                       sampled_label: str = "Science Avg@1[4]") -> Aggregates:
+def compute_aggregates(
+    math_scores: Mapping[str, float],
+    science_greedy: Mapping[str, float],
+    science_sampled: Mapping[str, float],
+    sampled_label: str = "Science Avg@1[4]",
+) -> Aggregates:
     """Every aggregate computable from the given per-benchmark scores (percent)."""
     agg = Aggregates(science_sampled_label=sampled_label)
     for conv in MATH_AVG_CONVENTIONS:

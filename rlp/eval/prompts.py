@@ -43,7 +43,7 @@ MATH_INSTRUCTION = (
 )
 MC_INSTRUCTION = (
     "The following is a multiple choice question{about}. Think step by step, then answer with "
-    "the letter of the correct choice, finishing with \"The answer is (X)\" where X is that "
+    'the letter of the correct choice, finishing with "The answer is (X)" where X is that '
     "letter."
 )
 MC_ANSWER_PREFIX = "Answer: Let's think step by step."
@@ -132,8 +132,12 @@ def math_prompt(question: str, num_shots: int = 0) -> str:
         raise ValueError(f"--few-shot must be >= 0, got {num_shots}")
     parts = [MATH_INSTRUCTION, ""]
     for ex in MATH_EXEMPLARS[:num_shots]:
-        parts += [f"Problem: {ex.problem}", "",
-                  f"Solution: {ex.solution} The final answer is $\\boxed{{{ex.answer}}}$.", ""]
+        parts += [
+            f"Problem: {ex.problem}",
+            "",
+            f"Solution: {ex.solution} The final answer is $\\boxed{{{ex.answer}}}$.",
+            "",
+        ]
     parts += [f"Problem: {question.strip()}", "", "Solution:"]
     return "\n".join(parts)
 
@@ -142,22 +146,28 @@ def _mc_block(question: str, choices: Sequence[str]) -> str:
     return f"Question: {question.strip()}\n{format_choices(choices)}"
 
 
-def mc_prompt(question: str, choices: Sequence[str], subject: str | None = None,
-              exemplars: Sequence[FewShotExample] = ()) -> str:
+def mc_prompt(
+    question: str,
+    choices: Sequence[str],
+    subject: str | None = None,
+    exemplars: Sequence[FewShotExample] = (),
+) -> str:
     """Multiple-choice prompt with lettered choices and optional solved exemplars."""
     parts = [MC_INSTRUCTION.format(about=_subject_phrase(subject)), ""]
     for ex in exemplars:
         if ex.choices is None:
             raise ValueError("multiple-choice exemplars need choices")
         reasoning = f" {ex.rationale.strip()}" if ex.rationale.strip() else ""
-        parts += [_mc_block(ex.question, ex.choices),
-                  f"{MC_ANSWER_PREFIX}{reasoning} The answer is ({ex.answer}).", ""]
+        parts += [
+            _mc_block(ex.question, ex.choices),
+            f"{MC_ANSWER_PREFIX}{reasoning} The answer is ({ex.answer}).",
+            "",
+        ]
     parts += [_mc_block(question, choices), MC_ANSWER_PREFIX]
     return "\n".join(parts)
 
 
-def build_prompt(item: BenchmarkItem, num_shots: int = 0,
-                 pool: FewShotPool | None = None) -> str:
+def build_prompt(item: BenchmarkItem, num_shots: int = 0, pool: FewShotPool | None = None) -> str:
     """Prompt for one item: math or multiple choice, zero- or ``num_shots``-shot.
 
     For multiple choice ``pool`` supplies the exemplars (``None`` -> zero-shot; the runner passes

@@ -37,8 +37,10 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.is_dir():
         p = p / "results.json"
     if not p.is_file():
-        raise FileNotFoundError(f"no results file at {p}; pass a results.json written by "
-                                "benchmarks/evaluate.py or its output directory")
+        raise FileNotFoundError(
+            f"no results file at {p}; pass a results.json written by "
+            "benchmarks/evaluate.py or its output directory"
+        )
     data = json.loads(p.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or "runs" not in data or "aggregates" not in data:
         raise ValueError(f"{p} is not an rlp evaluation results file (no 'runs'/'aggregates')")
@@ -52,8 +54,12 @@ def aggregate_rows(aggregates: Mapping[str, Any]) -> list[tuple[str, float | Non
     for conv in SUMMARY_CONVENTIONS:
         rows.append((MATH_AVG_LABELS[conv], math_avg.get(conv)))
     rows.append(("Science Avg (greedy)", aggregates.get("science_avg")))
-    rows.append((aggregates.get("science_sampled_label", "Science Avg@1[4]"),
-                 aggregates.get("science_avg_sampled")))
+    rows.append(
+        (
+            aggregates.get("science_sampled_label", "Science Avg@1[4]"),
+            aggregates.get("science_avg_sampled"),
+        )
+    )
     overall = aggregates.get("overall", {})
     for conv in SUMMARY_CONVENTIONS:
         rows.append((f"Overall (Math Avg {conv})", overall.get(conv)))
@@ -69,9 +75,12 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"Settings: max_new_tokens={s.get('max_new_tokens')}, few_shot={s.get('few_shot')}, "
         f"limit={s.get('limit')}, seed={s.get('seed')}, batch_size={s.get('batch_size')}."
     )
-    lines += ["", "| Benchmark | Metric | Items | Accuracy (%) | 95% CI | pass@k | "
-              "no answer | timeout | error |",
-              "|---|---|---:|---:|---|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "| Benchmark | Metric | Items | Accuracy (%) | 95% CI | pass@k | "
+        "no answer | timeout | error |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|",
+    ]
     for r in results["runs"].values():
         sc = r["status_counts"]
         total = sum(sc.values()) or 1
@@ -88,8 +97,12 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {label} | {_fmt(value)} |")
     if agg.get("missing"):
         lines += ["", "Aggregates not computed (missing scores): " + "; ".join(agg["missing"])]
-    lines += ["", "CI: Wilson score interval over items (conservative for sample-averaged "
-              "scores). Overall = mean(Math Avg, Science Avg, Science Avg@1[n]).", ""]
+    lines += [
+        "",
+        "CI: Wilson score interval over items (conservative for sample-averaged "
+        "scores). Overall = mean(Math Avg, Science Avg, Science Avg@1[n]).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -103,18 +116,33 @@ def plot_accuracy(results: Mapping[str, Any], path: str | os.PathLike[str]) -> P
     runs = list(results["runs"].values())
     labels = [r["score_label"] for r in runs]
     values = [r["accuracy"] for r in runs]
-    err = [[max(0.0, v - r["ci"][0]) for v, r in zip(values, runs)],
-           [max(0.0, r["ci"][1] - v) for v, r in zip(values, runs)]]
-    colors = ["tab:blue" if r["group"] == "math" else
-              "tab:green" if r["group"] == "science" else "tab:gray" for r in runs]
+    err = [
+        [max(0.0, v - r["ci"][0]) for v, r in zip(values, runs)],
+        [max(0.0, r["ci"][1] - v) for v, r in zip(values, runs)],
+    ]
+    colors = [
+        "tab:blue"
+        if r["group"] == "math"
+        else "tab:green"
+        if r["group"] == "science"
+        else "tab:gray"
+        for r in runs
+    ]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(runs) + 2), 4.0))
     try:
         bars = ax.bar(range(len(runs)), values, yerr=err, capsize=3, color=colors)
         for bar, v in zip(bars, values):
             # Value at the foot of the bar, clear of the error bar.
-            ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, 0), ha="center",
-                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points",
-                        color="white" if v > 8 else "black")
+            ax.annotate(
+                f"{v:.1f}",
+                (bar.get_x() + bar.get_width() / 2, 0),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+                color="white" if v > 8 else "black",
+            )
         ax.set_xticks(range(len(runs)), labels, rotation=30, ha="right")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 105)
@@ -131,8 +159,11 @@ def write_reports(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -
     """Write ``results.json``, ``summary.md`` and ``accuracy.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "markdown": out / "summary.md",
-             "plot": out / "accuracy.png"}
+    paths = {
+        "json": out / "results.json",
+        "markdown": out / "summary.md",
+        "plot": out / "accuracy.png",
+    }
     tmp = paths["json"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(paths["json"])
@@ -148,19 +179,25 @@ def _item_scores(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def compare_results(a: Mapping[str, Any], b: Mapping[str, Any], *,
-                    names: Sequence[str] | None = None) -> str:
+def compare_results(
+    a: Mapping[str, Any], b: Mapping[str, Any], *, names: Sequence[str] | None = None
+) -> str:
     """Markdown comparison of two results dicts: per run and aggregates, B - A.
 
     For a run present in both with per-item records, the difference is computed on the items
     both evaluated, with a paired bootstrap 95% CI.
     """
-    name_a, name_b = names or (str(a.get("label") or a.get("checkpoint") or "A"),
-                               str(b.get("label") or b.get("checkpoint") or "B"))
+    name_a, name_b = names or (
+        str(a.get("label") or a.get("checkpoint") or "A"),
+        str(b.get("label") or b.get("checkpoint") or "B"),
+    )
     items_a, items_b = _item_scores(a), _item_scores(b)
-    lines = [f"# Comparison: {name_a} (A) vs {name_b} (B)", "",
-             "| Metric | A | B | B - A | paired 95% CI of B - A (common items) |",
-             "|---|---:|---:|---:|---|"]
+    lines = [
+        f"# Comparison: {name_a} (A) vs {name_b} (B)",
+        "",
+        "| Metric | A | B | B - A | paired 95% CI of B - A (common items) |",
+        "|---|---:|---:|---:|---|",
+    ]
     keys = list(a["runs"]) + [k for k in b["runs"] if k not in a["runs"]]
     for key in keys:
         ra, rb = a["runs"].get(key), b["runs"].get(key)
@@ -171,8 +208,9 @@ def compare_results(a: Mapping[str, Any], b: Mapping[str, Any], *,
         ci = "-"
         common = sorted(set(items_a.get(key, {})) & set(items_b.get(key, {})))
         if common:
-            d, lo, hi = paired_bootstrap_ci([items_a[key][i] for i in common],
-                                            [items_b[key][i] for i in common])
+            d, lo, hi = paired_bootstrap_ci(
+                [items_a[key][i] for i in common], [items_b[key][i] for i in common]
+            )
             ci = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] (n={len(common)})"
         lines.append(f"| {label} | {_fmt(va)} | {_fmt(vb)} | {delta} | {ci} |")
     rows_a = dict(aggregate_rows(a["aggregates"]))
@@ -184,6 +222,8 @@ def compare_results(a: Mapping[str, Any], b: Mapping[str, Any], *,
     sa, sb = a.get("settings", {}), b.get("settings", {})
     diffs = [k for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
     if diffs:
-        lines += ["", "Settings differ: " + ", ".join(
-            f"{k} ({sa.get(k)!r} vs {sb.get(k)!r})" for k in diffs)]
+        lines += [
+            "",
+            "Settings differ: " + ", ".join(f"{k} ({sa.get(k)!r} vs {sb.get(k)!r})" for k in diffs),
+        ]
     return "\n".join(lines) + "\n"

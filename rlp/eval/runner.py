@@ -195,6 +195,7 @@ def batch_seed(seed: int, run_key: str, batch_index: int) -> int:
 # items.jsonl
 # ---------------------------------------------------------------------------------------------
 
+
 def _read_items_file(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Meta line and item records; a torn last line (crash mid-write) is cut off the file."""
     if not path.exists():
@@ -244,16 +245,20 @@ def check_resumable(out_dir: str | os.PathLike[str], settings: EvalSettings) -> 
     if meta is not None:
         _check_meta(meta, settings, path)
     elif records:
-        raise ResumeMismatchError(f"{path} has item records but no settings line; "
-                                  "use a new --out directory")
+        raise ResumeMismatchError(
+            f"{path} has item records but no settings line; use a new --out directory"
+        )
     return len(records)
 
 
 def _check_meta(meta: Mapping[str, Any], settings: EvalSettings, path: Path) -> None:
     old = meta.get("settings", {})
     new = json.loads(json.dumps(settings.fingerprint()))
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k)]
+    diffs = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
     if diffs:
         raise ResumeMismatchError(
             f"{path} was written with different settings ({'; '.join(diffs)}). Resume with the "
@@ -264,6 +269,7 @@ def _check_meta(meta: Mapping[str, Any], settings: EvalSettings, path: Path) -> 
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Timing:
@@ -286,8 +292,9 @@ def _few_shot_pool(benchmark: str, settings: EvalSettings) -> FewShotPool | None
 
 
 def _load_items(benchmark: str, settings: EvalSettings) -> list[BenchmarkItem]:
-    items = load_benchmark(benchmark, settings.data_dir, use_hf=settings.use_hf,
-                           limit=settings.limit)
+    items = load_benchmark(
+        benchmark, settings.data_dir, use_hf=settings.use_hf, limit=settings.limit
+    )
     if benchmark == "mmlu_pro" and settings.few_shot > 0 and not settings.use_hf:
         items = with_subjects(items, load_mmlu_pro_categories(settings.data_dir))
     return items
@@ -295,8 +302,12 @@ def _load_items(benchmark: str, settings: EvalSettings) -> list[BenchmarkItem]:
 
 def _num_shots(benchmark: str, settings: EvalSettings) -> int:
     if get_spec(benchmark).kind == "math" and settings.few_shot > len(MATH_EXEMPLARS):
-        logger.warning("--few-shot %d > %d math exemplars; using %d", settings.few_shot,
-                       len(MATH_EXEMPLARS), len(MATH_EXEMPLARS))
+        logger.warning(
+            "--few-shot %d > %d math exemplars; using %d",
+            settings.few_shot,
+            len(MATH_EXEMPLARS),
+            len(MATH_EXEMPLARS),
+        )
         return len(MATH_EXEMPLARS)
     return 0 if benchmark == "gpqa_diamond" else settings.few_shot
 
@@ -304,8 +315,10 @@ def _num_shots(benchmark: str, settings: EvalSettings) -> int:
 def _check_outputs(outputs: Any, prompts: Sequence[str], n: int) -> list[list[str]]:
     if not isinstance(outputs, list) or len(outputs) != len(prompts):
         got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
-        raise GenerateFnError(f"generate_fn returned {got} entries for {len(prompts)} prompts; "
-                              "it must return one list of completions per prompt")
+        raise GenerateFnError(
+            f"generate_fn returned {got} entries for {len(prompts)} prompts; "
+            "it must return one list of completions per prompt"
+        )
     for i, row in enumerate(outputs):
         if not isinstance(row, list) or len(row) != n or not all(isinstance(t, str) for t in row):
             raise GenerateFnError(
@@ -314,18 +327,24 @@ def _check_outputs(outputs: Any, prompts: Sequence[str], n: int) -> list[list[st
     return outputs
 
 
-def _score_batch(run: RunSpec, items: Sequence[BenchmarkItem], texts: list[list[str]],
-                 verifier: MathVerifier | None) -> list[list[SampleScore]]:
+def _score_batch(
+    run: RunSpec,
+    items: Sequence[BenchmarkItem],
+    texts: list[list[str]],
+    verifier: MathVerifier | None,
+) -> list[list[SampleScore]]:
     if get_spec(run.benchmark).kind == "mc":
-        return [[score_mc(t, it.answer, it.valid_letters, it.choices) for t in row]
-                for it, row in zip(items, texts)]
+        return [
+            [score_mc(t, it.answer, it.valid_letters, it.choices) for t in row]
+            for it, row in zip(items, texts)
+        ]
     if verifier is None:
         raise RuntimeError("math scoring needs a MathVerifier")
     golds = [it.answer for it, row in zip(items, texts) for _ in row]
     flat = score_math_batch(verifier, golds, [t for row in texts for t in row])
     out, pos = [], 0
     for row in texts:
-        out.append(flat[pos:pos + len(row)])
+        out.append(flat[pos : pos + len(row)])
         pos += len(row)
     return out
 
@@ -335,11 +354,18 @@ def _batches(n: int, size: int) -> Iterator[tuple[int, int, int]]:
         yield b, start, min(n, start + size)
 
 
-def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[str], settings: EvalSettings,
-             out_dir: str | os.PathLike[str], *, label: str | None = None,
-             checkpoint: str | None = None, progress: bool = True,
-             verifier: MathVerifier | None = None, write_reports: bool = True
-             ) -> dict[str, Any]:
+def evaluate(
+    generate_fn: GenerateFn,
+    benchmarks: Sequence[str],
+    settings: EvalSettings,
+    out_dir: str | os.PathLike[str],
+    *,
+    label: str | None = None,
+    checkpoint: str | None = None,
+    progress: bool = True,
+    verifier: MathVerifier | None = None,
+    write_reports: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) an evaluation and return the results dict (also written to ``out_dir``).
 
     Writes ``items.jsonl`` incrementally, then ``results.json``, ``summary.md`` and
@@ -353,12 +379,22 @@ def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[str], settings: EvalS
     if meta is not None:
         _check_meta(meta, settings, items_path)
     elif existing:
-        raise ResumeMismatchError(f"{items_path} has item records but no settings line; "
-                                  "use a new --out directory")
+        raise ResumeMismatchError(
+            f"{items_path} has item records but no settings line; use a new --out directory"
+        )
     else:
-        _append_lines(items_path, [{"type": "meta", "format": RESULTS_FORMAT,
-                                    "settings": settings.fingerprint(), "label": label,
-                                    "checkpoint": checkpoint}])
+        _append_lines(
+            items_path,
+            [
+                {
+                    "type": "meta",
+                    "format": RESULTS_FORMAT,
+                    "settings": settings.fingerprint(),
+                    "label": label,
+                    "checkpoint": checkpoint,
+                }
+            ],
+        )
     done: dict[tuple[str, int], dict[str, Any]] = {}
     for rec in existing:
         done.setdefault((rec["run"], rec["index"]), rec)
@@ -366,8 +402,9 @@ def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[str], settings: EvalS
     runs = plan_runs(benchmarks, settings)
     own_verifier = verifier is None and any(get_spec(r.benchmark).kind == "math" for r in runs)
     if own_verifier:
-        verifier = MathVerifier(num_workers=settings.verify_workers,
-                                timeout_s=settings.verify_timeout_s)
+        verifier = MathVerifier(
+            num_workers=settings.verify_workers, timeout_s=settings.verify_timeout_s
+        )
     timing = _Timing()
     t_start = time.monotonic()
     item_cache: dict[str, list[BenchmarkItem]] = {}
@@ -377,21 +414,23 @@ def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[str], settings: EvalS
                 item_cache[run.benchmark] = _load_items(run.benchmark, settings)
             items = item_cache[run.benchmark]
             t_run = time.monotonic()
-            _run_one(run, items, settings, generate_fn, verifier, items_path, done, timing,
-                     progress)
+            _run_one(
+                run, items, settings, generate_fn, verifier, items_path, done, timing, progress
+            )
             timing.by_run[run.key] = time.monotonic() - t_run
     finally:
         if own_verifier and verifier is not None:
             verifier.close()
 
     _, records = _read_items_file(items_path)
-    results = build_results(runs, item_cache, records, settings, label=label,
-                            checkpoint=checkpoint)
-    results["timing"] = {"wall_s": round(time.monotonic() - t_start, 3),
-                         "generate_s": round(timing.generate_s, 3),
-                         "score_s": round(timing.score_s, 3),
-                         "batches_generated": timing.batches,
-                         "by_run_s": {k: round(v, 3) for k, v in timing.by_run.items()}}
+    results = build_results(runs, item_cache, records, settings, label=label, checkpoint=checkpoint)
+    results["timing"] = {
+        "wall_s": round(time.monotonic() - t_start, 3),
+        "generate_s": round(timing.generate_s, 3),
+        "score_s": round(timing.score_s, 3),
+        "batches_generated": timing.batches,
+        "by_run_s": {k: round(v, 3) for k, v in timing.by_run.items()},
+    }
     if write_reports:
         from rlp.eval.report import write_reports as _write_reports
 
@@ -399,10 +438,17 @@ def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[str], settings: EvalS
     return results
 
 
-def _run_one(run: RunSpec, items: Sequence[BenchmarkItem], settings: EvalSettings,
-             generate_fn: GenerateFn, verifier: MathVerifier | None, items_path: Path,
-             done: dict[tuple[str, int], dict[str, Any]], timing: _Timing,
-             progress: bool) -> None:
+def _run_one(
+    run: RunSpec,
+    items: Sequence[BenchmarkItem],
+    settings: EvalSettings,
+    generate_fn: GenerateFn,
+    verifier: MathVerifier | None,
+    items_path: Path,
+    done: dict[tuple[str, int], dict[str, Any]],
+    timing: _Timing,
+    progress: bool,
+) -> None:
     pool = _few_shot_pool(run.benchmark, settings)
     shots = _num_shots(run.benchmark, settings)
     initial = sum((run.key, i) in done for i in range(len(items)))
@@ -413,8 +459,14 @@ def _run_one(run: RunSpec, items: Sequence[BenchmarkItem], settings: EvalSetting
                 f"{items_path}: run {run.key} item {i} is {rec['id']!r} but the data has "
                 f"{items[i].id!r}; the benchmark files changed. Use a new --out directory."
             )
-    bar = tqdm(total=len(items), initial=initial, desc=f"{run.score_label} ({run.mode})",
-               unit="item", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(items),
+        initial=initial,
+        desc=f"{run.score_label} ({run.mode})",
+        unit="item",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         for b, start, stop in _batches(len(items), settings.batch_size):
             missing = [i for i in range(start, stop) if (run.key, i) not in done]
@@ -424,10 +476,13 @@ def _run_one(run: RunSpec, items: Sequence[BenchmarkItem], settings: EvalSetting
             prompts = [build_prompt(it, shots, pool) for it in batch_items]
             seed = batch_seed(settings.seed, run.key, b)
             t0 = time.monotonic()
-            raw = generate_fn(prompts, run.num_samples, run.temperature,
-                              settings.max_new_tokens, seed)
-            texts = [[truncate_at_stop(t, settings.stop_strings) for t in row]
-                     for row in _check_outputs(raw, prompts, run.num_samples)]
+            raw = generate_fn(
+                prompts, run.num_samples, run.temperature, settings.max_new_tokens, seed
+            )
+            texts = [
+                [truncate_at_stop(t, settings.stop_strings) for t in row]
+                for row in _check_outputs(raw, prompts, run.num_samples)
+            ]
             t1 = time.monotonic()
             scores = _score_batch(run, batch_items, texts, verifier)
             timing.generate_s += t1 - t0
@@ -438,12 +493,20 @@ def _run_one(run: RunSpec, items: Sequence[BenchmarkItem], settings: EvalSetting
                 if i not in missing:
                     continue
                 it = items[i]
-                rec = {"type": "item", "run": run.key, "benchmark": run.benchmark,
-                       "mode": run.mode, "index": i, "id": it.id, "gold": it.answer,
-                       "batch": b, "seed": seed, "num_samples": run.num_samples,
-                       "num_correct": sum(s.correct for s in scores[j]),
-                       "samples": [{"text": t, **s.to_dict()}
-                                   for t, s in zip(texts[j], scores[j])]}
+                rec = {
+                    "type": "item",
+                    "run": run.key,
+                    "benchmark": run.benchmark,
+                    "mode": run.mode,
+                    "index": i,
+                    "id": it.id,
+                    "gold": it.answer,
+                    "batch": b,
+                    "seed": seed,
+                    "num_samples": run.num_samples,
+                    "num_correct": sum(s.correct for s in scores[j]),
+                    "samples": [{"text": t, **s.to_dict()} for t, s in zip(texts[j], scores[j])],
+                }
                 new.append(rec)
                 done[(run.key, i)] = rec
             _append_lines(items_path, new)
@@ -456,10 +519,16 @@ def _run_one(run: RunSpec, items: Sequence[BenchmarkItem], settings: EvalSetting
 # Results
 # ---------------------------------------------------------------------------------------------
 
-def build_results(runs: Sequence[RunSpec],
-                  items_by_benchmark: Mapping[str, Sequence[BenchmarkItem]],
-                  records: Sequence[Mapping[str, Any]], settings: EvalSettings, *,
-                  label: str | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+
+def build_results(
+    runs: Sequence[RunSpec],
+    items_by_benchmark: Mapping[str, Sequence[BenchmarkItem]],
+    records: Sequence[Mapping[str, Any]],
+    settings: EvalSettings,
+    *,
+    label: str | None = None,
+    checkpoint: str | None = None,
+) -> dict[str, Any]:
     """Results dict from item records (canonical order; independent of how the run went)."""
     by_key: dict[tuple[str, int], Mapping[str, Any]] = {}
     for rec in records:
@@ -485,19 +554,33 @@ def build_results(runs: Sequence[RunSpec],
             assert r is not None
             statuses.update(s["status"] for s in r["samples"])
             methods.update(s["method"] for s in r["samples"])
-            item_rows.append({"run": run.key, "index": r["index"], "id": r["id"],
-                              "gold": r["gold"], "num_samples": r["num_samples"],
-                              "num_correct": r["num_correct"],
-                              "score": r["num_correct"] / r["num_samples"],
-                              "extracted": [s["extracted"] for s in r["samples"]],
-                              "statuses": [s["status"] for s in r["samples"]]})
+            item_rows.append(
+                {
+                    "run": run.key,
+                    "index": r["index"],
+                    "id": r["id"],
+                    "gold": r["gold"],
+                    "num_samples": r["num_samples"],
+                    "num_correct": r["num_correct"],
+                    "score": r["num_correct"] / r["num_samples"],
+                    "extracted": [s["extracted"] for s in r["samples"]],
+                    "statuses": [s["status"] for s in r["samples"]],
+                }
+            )
         ks = default_ks(run.num_samples)
         run_results[run.key] = {
-            "benchmark": run.benchmark, "display_name": spec.display_name, "kind": spec.kind,
-            "group": spec.group, "mode": run.mode, "num_samples": run.num_samples,
-            "temperature": run.temperature, "metric": run.metric_name,
-            "score_label": run.score_label, "accuracy": acc.value,
-            "ci": [acc.ci_low, acc.ci_high], "ci_method": acc.method,
+            "benchmark": run.benchmark,
+            "display_name": spec.display_name,
+            "kind": spec.kind,
+            "group": spec.group,
+            "mode": run.mode,
+            "num_samples": run.num_samples,
+            "temperature": run.temperature,
+            "metric": run.metric_name,
+            "score_label": run.score_label,
+            "accuracy": acc.value,
+            "ci": [acc.ci_low, acc.ci_high],
+            "ci_method": acc.method,
             "num_items": acc.num_items,
             "pass_at_k": {str(k): mean_pass_at_k(counts, k) for k in ks},
             "status_counts": {s: statuses.get(s, 0) for s in STATUSES},
@@ -512,8 +595,9 @@ def build_results(runs: Sequence[RunSpec],
                 sci_sampled[run.benchmark] = acc.value
                 sampled_ns.add(run.num_samples)
     n_label = "/".join(str(n) for n in sorted(sampled_ns)) or "4"
-    agg = compute_aggregates(math_scores, sci_greedy, sci_sampled,
-                             sampled_label=f"Science Avg@1[{n_label}]")
+    agg = compute_aggregates(
+        math_scores, sci_greedy, sci_sampled, sampled_label=f"Science Avg@1[{n_label}]"
+    )
     return {
         "format": RESULTS_FORMAT,
         "label": label,

@@ -105,7 +105,7 @@ def find_last_boxed(text: str) -> str | None:
         close = _match_brace(text, m.end() - 1)
         if close is None:
             continue
-        content = text[m.end():close]
+        content = text[m.end() : close]
         if best is None or m.start() > best[0]:
             best = (m.start(), content)
     for m in _BOX_SPACE.finditer(text):
@@ -187,7 +187,7 @@ def _unwrap_text_macros(s: str) -> str:
         close = _match_brace(out, m.end() - 1)
         if close is None:
             return out
-        out = out[: m.start()] + out[m.end():close] + out[close + 1:]
+        out = out[: m.start()] + out[m.end() : close] + out[close + 1 :]
 
 
 def normalize_math_answer(answer: str) -> str:
@@ -195,7 +195,7 @@ def normalize_math_answer(answer: str) -> str:
     s = answer.strip()
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
-            s = s[len(left): len(s) - len(right)].strip()
+            s = s[len(left) : len(s) - len(right)].strip()
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
     s = re.sub(r"\\[!,;:](?![A-Za-z])|\\displaystyle|\\quad|\\qquad", " ", s)
@@ -234,6 +234,7 @@ def _compact(s: str) -> str:
 # math-verify in worker processes, with our own timeout
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class VerifyOutcome:
     """Result of comparing one (gold, prediction) pair."""
@@ -269,8 +270,10 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     try:
         from math_verify import parse, verify
 
-        checks = (_verify_pair(parse, verify, "1/2", "0.5")[0],
-                  not _verify_pair(parse, verify, "3", "4")[0])
+        checks = (
+            _verify_pair(parse, verify, "1/2", "0.5")[0],
+            not _verify_pair(parse, verify, "3", "4")[0],
+        )
         if not all(checks):
             conn.send(("fatal", f"math-verify self-check failed: {checks}"))
             return
@@ -335,8 +338,7 @@ class MathVerifier:
     def _spawn(self) -> _Worker:
         ctx = multiprocessing.get_context(self.context)
         parent, child = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=_worker_main, args=(child,), daemon=True,
-                           name="rlp-math-verify")
+        proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="rlp-math-verify")
         proc.start()
         child.close()
         return _Worker(proc, parent, deadline=time.monotonic() + self.start_timeout_s)
@@ -434,7 +436,7 @@ class MathVerifier:
                 raise VerifierError(
                     f"math-verify worker exited during start-up (exit code {code}). Workers use "
                     "the 'spawn' start method, which re-imports the main script: guard the "
-                    "script's top-level code with `if __name__ == \"__main__\":`."
+                    'script\'s top-level code with `if __name__ == "__main__":`.'
                 ) from exc
             assert w.task is not None
             outcomes[w.task] = VerifyOutcome("error", f"worker died (exit code {code})")
@@ -458,9 +460,13 @@ class MathVerifier:
 
 _MC_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     # Keyword case-insensitive, letter case-sensitive ("the answer is a prime" is no answer).
-    ("answer_is", re.compile(
-        r"(?i:answer|choice|option)\s*(?i:is|:|=)\s*:?\s*(?:\*\*|\\boxed\{|\\text\{)?"
-        r"\s*\(?([A-Z])\)?(?![A-Za-z0-9])")),
+    (
+        "answer_is",
+        re.compile(
+            r"(?i:answer|choice|option)\s*(?i:is|:|=)\s*:?\s*(?:\*\*|\\boxed\{|\\text\{)?"
+            r"\s*\(?([A-Z])\)?(?![A-Za-z0-9])"
+        ),
+    ),
     ("boxed", re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-Z])\)?\s*\}?\s*\}")),
     ("bold", re.compile(r"\*\*\s*\(?([A-Z])\)?[.:)]?\s*\*\*")),
     ("paren", re.compile(r"\(([A-Z])\)")),
@@ -475,8 +481,9 @@ def _norm_choice_text(s: str) -> str:
     return s
 
 
-def extract_choice_letter(text: str, valid_letters: str,
-                          choices: Sequence[str] | None = None) -> Extraction:
+def extract_choice_letter(
+    text: str, valid_letters: str, choices: Sequence[str] | None = None
+) -> Extraction:
     """Extract the chosen letter (restricted to ``valid_letters``) from an MC completion."""
     if not valid_letters:
         raise ValueError("extract_choice_letter needs the item's valid letters (e.g. 'ABCD')")
@@ -511,6 +518,7 @@ def _match_choice_text(text: str, choices: Sequence[str], valid_letters: str) ->
 # Per-sample records
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SampleScore:
     """Grading of one generated sample."""
@@ -525,12 +533,17 @@ class SampleScore:
         return self.status == "correct"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"extracted": self.extracted, "method": self.method, "status": self.status,
-                "detail": self.detail}
+        return {
+            "extracted": self.extracted,
+            "method": self.method,
+            "status": self.status,
+            "detail": self.detail,
+        }
 
 
-def score_mc(text: str, gold_letter: str, valid_letters: str,
-             choices: Sequence[str] | None = None) -> SampleScore:
+def score_mc(
+    text: str, gold_letter: str, valid_letters: str, choices: Sequence[str] | None = None
+) -> SampleScore:
     """Grade one multiple-choice completion."""
     ext = extract_choice_letter(text, valid_letters, choices)
     if ext.answer is None:
@@ -539,8 +552,9 @@ def score_mc(text: str, gold_letter: str, valid_letters: str,
     return SampleScore(ext.answer, ext.method, status)
 
 
-def score_math_batch(verifier: MathVerifier, golds: Sequence[str], texts: Sequence[str]
-                     ) -> list[SampleScore]:
+def score_math_batch(
+    verifier: MathVerifier, golds: Sequence[str], texts: Sequence[str]
+) -> list[SampleScore]:
     """Grade math completions ``texts[i]`` against ``golds[i]`` (extraction + verification)."""
     if len(golds) != len(texts):
         raise ValueError(f"score_math_batch: {len(golds)} golds but {len(texts)} texts")

@@ -19,9 +19,8 @@ TP and PP sizes come from megatron's ``parallel_state`` (:mod:`rlp.model.paralle
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 

@@ -23,13 +23,35 @@ TINY = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 
 # Every metric issue #3 asks for; each must be present and finite in metrics.jsonl.
 REQUIRED = [
-    "reward/mean", "reward/std", "reward/frac_positive", "reward/s_pred_mean", "reward/s_ema_mean",
-    "advantage/abs_mean", "thought/len_mean", "thought/len_max", "thought/cap_rate",
-    "thought/close_rate", "clip/frac", "ratio/mean", "loss/rl", "loss/ntp", "loss/total",
-    "optim/grad_norm", "optim/lr", "throughput/sample_tokens_per_s",
-    "throughput/score_tokens_per_s", "throughput/loss_tokens_per_s", "throughput/tokens_per_s",
-    "progress/thought_tokens", "progress/ntp_tokens", "time/sample", "time/score", "time/loss",
-    "time/step", "time/ema", "rollout/logprob_consistency",
+    "reward/mean",
+    "reward/std",
+    "reward/frac_positive",
+    "reward/s_pred_mean",
+    "reward/s_ema_mean",
+    "advantage/abs_mean",
+    "thought/len_mean",
+    "thought/len_max",
+    "thought/cap_rate",
+    "thought/close_rate",
+    "clip/frac",
+    "ratio/mean",
+    "loss/rl",
+    "loss/ntp",
+    "loss/total",
+    "optim/grad_norm",
+    "optim/lr",
+    "throughput/sample_tokens_per_s",
+    "throughput/score_tokens_per_s",
+    "throughput/loss_tokens_per_s",
+    "throughput/tokens_per_s",
+    "progress/thought_tokens",
+    "progress/ntp_tokens",
+    "time/sample",
+    "time/score",
+    "time/loss",
+    "time/step",
+    "time/ema",
+    "rollout/logprob_consistency",
 ]
 # Timings differ between runs; everything else must match exactly where runs are equivalent.
 VOLATILE = ("time/", "throughput/")
@@ -64,20 +86,32 @@ def _train_cmd(overrides: list[str], nproc: int = 1) -> list[str]:
         launcher = [sys.executable, "-m", "rlp.cli"]
     else:
         launcher = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), "-m", "rlp.cli",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "rlp.cli",
         ]
     return [*launcher, "train", "--config", str(TINY), *overrides]
 
 
 def _train(overrides: list[str], nproc: int = 1, timeout: float = 400) -> str:
     proc = subprocess.run(
-        _train_cmd(overrides, nproc), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+        _train_cmd(overrides, nproc),
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
     if proc.returncode != 0:
-        raise AssertionError(f"rlp train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"rlp train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc.stdout
 
 
@@ -92,8 +126,18 @@ def _stable(row: dict) -> dict:
 def test_tiny_run_end_to_end(demo, tmp_path):
     run_dir = tmp_path / "run"
     heldout = demo / "shards" / "demo-000003.tar"
-    out = _train(_overrides(demo, run_dir, 4, "checkpoint.save_every=2", "log.samples_every=2",
-                            "eval.every=2", f"eval.shards={heldout}", "eval.num_documents=4"))
+    out = _train(
+        _overrides(
+            demo,
+            run_dir,
+            4,
+            "checkpoint.save_every=2",
+            "log.samples_every=2",
+            "eval.every=2",
+            f"eval.shards={heldout}",
+            "eval.num_documents=4",
+        )
+    )
     assert "step 4/4" in out and "[rlp] done: 4 steps" in out
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -127,20 +171,43 @@ def test_tp2_matches_tp1(demo, tmp_path):
     tp1, tp2 = _rows(tmp_path / "tp1"), _rows(tmp_path / "tp2")
     assert len(tp1) == len(tp2) == 3
     for a, b in zip(tp1, tp2):
-        for key in ("loss/total", "loss/rl", "loss/ntp", "reward/mean", "reward/s_pred_mean",
-                    "thought/len_mean"):
+        for key in (
+            "loss/total",
+            "loss/rl",
+            "loss/ntp",
+            "reward/mean",
+            "reward/s_pred_mean",
+            "thought/len_mean",
+        ):
             assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
 
 
 def test_rl_weight_zero_is_plain_continued_pretraining(demo, tmp_path):
     """`objective.rl_weight=0` gives the loss trajectory of a plain next-token loop."""
     run_dir = tmp_path / "ntp"
-    _train(_overrides(demo, run_dir, 4, "objective.rl_weight=0", "objective.ntp_weight=1",
-                      "checkpoint.save_every=0"))
+    _train(
+        _overrides(
+            demo,
+            run_dir,
+            4,
+            "objective.rl_weight=0",
+            "objective.ntp_weight=1",
+            "checkpoint.save_every=0",
+        )
+    )
     reference = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests" / "integration" / "scripts" / "plain_ntp.py"),
-         "--config", str(TINY), *_overrides(demo, tmp_path / "ref", 4)],
-        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO_ROOT / "tests" / "integration" / "scripts" / "plain_ntp.py"),
+            "--config",
+            str(TINY),
+            *_overrides(demo, tmp_path / "ref", 4),
+        ],
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert reference.returncode == 0, reference.stderr[-4000:]
     expected = json.loads(reference.stdout.strip().splitlines()[-1])
@@ -157,8 +224,14 @@ def test_kill_resume_is_bit_exact(demo, tmp_path):
 
     run_dir = tmp_path / "killed"
     cmd = _train_cmd(_overrides(demo, run_dir, steps, *extra))
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -174,4 +247,6 @@ def test_kill_resume_is_bit_exact(demo, tmp_path):
     b = json.loads((run_dir / "summary.json").read_text())
     assert a["weights_digest"] == b["weights_digest"]
     assert a["ema_digest"] == b["ema_digest"]
-    assert [_stable(r) for r in _rows(tmp_path / "straight")] == [_stable(r) for r in _rows(run_dir)]
+    assert [_stable(r) for r in _rows(tmp_path / "straight")] == [
+        _stable(r) for r in _rows(run_dir)
+    ]

@@ -15,8 +15,19 @@ REPO = Path(__file__).resolve().parents[2]
 # Pinned on purpose: adding, renaming or removing a section or key must be a visible decision
 # (update this test, configs/reference.yaml and the docs together). Renamed keys keep no alias.
 SECTIONS = (
-    "run", "model", "tokenizer", "parallel", "data", "rollout", "reward", "objective", "ema",
-    "optim", "checkpoint", "eval", "log",
+    "run",
+    "model",
+    "tokenizer",
+    "parallel",
+    "data",
+    "rollout",
+    "reward",
+    "objective",
+    "ema",
+    "optim",
+    "checkpoint",
+    "eval",
+    "log",
 )
 
 
@@ -27,7 +38,9 @@ def test_top_level_sections_are_pinned():
 def test_key_set_matches_reference_yaml():
     """configs/reference.yaml is the generated all-keys file; it must match the dataclasses."""
     reference = (REPO / "configs" / "reference.yaml").read_text()
-    assert reference == C.reference_yaml(), "regenerate with: rlp config --reference > configs/reference.yaml"
+    assert reference == C.reference_yaml(), (
+        "regenerate with: rlp config --reference > configs/reference.yaml"
+    )
 
 
 def test_every_field_has_a_docstring():
@@ -79,8 +92,14 @@ def test_mistyped_values_fail(override, message):
 def test_overrides_parse_yaml_scalars():
     cfg = C.load_config(
         None,
-        ["rollout.num_thoughts=8", "rollout.temperature=1", "reward.reward_clip=null",
-         "checkpoint.init_from=/x/y", "optim.lr=3e-4", "log.wandb=offline"],
+        [
+            "rollout.num_thoughts=8",
+            "rollout.temperature=1",
+            "reward.reward_clip=null",
+            "checkpoint.init_from=/x/y",
+            "optim.lr=3e-4",
+            "log.wandb=offline",
+        ],
     )
     assert cfg.rollout.num_thoughts == 8
     assert cfg.rollout.temperature == 1.0 and isinstance(cfg.rollout.temperature, float)

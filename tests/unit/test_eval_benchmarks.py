@@ -28,34 +28,59 @@ from rlp.eval.benchmarks import (
     subsample,
 )
 
-REAL_COUNTS = {"aime25": 30, "math500": 500, "gsm8k": 1319, "amc23": 40, "minerva_math": 272,
-               "mmlu": 14042, "mmlu_pro": 12032, "gpqa_diamond": 198, "aime24": 30}
+REAL_COUNTS = {
+    "aime25": 30,
+    "math500": 500,
+    "gsm8k": 1319,
+    "amc23": 40,
+    "minerva_math": 272,
+    "mmlu": 14042,
+    "mmlu_pro": 12032,
+    "gpqa_diamond": 198,
+    "aime24": 30,
+}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
 
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     root = tmp_path / "bench"
-    _write_jsonl(root / "gsm8k" / "test.jsonl", [
-        {"id": f"g{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(6)
-    ])
-    _write_jsonl(root / "mmlu" / "test.jsonl", [
-        {"id": f"astronomy/{i}", "question": f"Q{i}\u2028with a line separator",
-         "choices": ["w", "x", "y", "z"], "answer": "ABCD"[i % 4]} for i in range(5)
-    ])
-    _write_jsonl(root / "gpqa_diamond" / "test.jsonl", [
-        {"id": "rec1", "question": "Which?", "choices": ["a", "b", "c", "d"], "answer": "C"}
-    ])
+    _write_jsonl(
+        root / "gsm8k" / "test.jsonl",
+        [
+            {"id": f"g{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)}
+            for i in range(6)
+        ],
+    )
+    _write_jsonl(
+        root / "mmlu" / "test.jsonl",
+        [
+            {
+                "id": f"astronomy/{i}",
+                "question": f"Q{i}\u2028with a line separator",
+                "choices": ["w", "x", "y", "z"],
+                "answer": "ABCD"[i % 4],
+            }
+            for i in range(5)
+        ],
+    )
+    _write_jsonl(
+        root / "gpqa_diamond" / "test.jsonl",
+        [{"id": "rec1", "question": "Which?", "choices": ["a", "b", "c", "d"], "answer": "C"}],
+    )
     dev = root / "mmlu" / "raw" / "data" / "mmlu" / "dev"
     dev.mkdir(parents=True)
     (dev / "astronomy_dev.csv").write_text(
         "question,choice0,choice1,choice2,choice3,answer\n"
-        "What orbits Earth?,Moon,Sun,Mars,Venus,0\n\"A, B\",1,2,3,4,3\n", encoding="utf-8")
+        'What orbits Earth?,Moon,Sun,Mars,Venus,0\n"A, B",1,2,3,4,3\n',
+        encoding="utf-8",
+    )
     return root
 
 
@@ -71,8 +96,7 @@ def test_registry_has_paper_benchmarks_and_kinds() -> None:
     for name in ("mmlu", "mmlu_pro", "gpqa_diamond"):
         spec = get_spec(name)
         assert spec.kind == "mc" and spec.group == "science"
-        assert [(p.mode, p.num_samples) for p in spec.protocols] == [("greedy", 1),
-                                                                      ("sampled", 4)]
+        assert [(p.mode, p.num_samples) for p in spec.protocols] == [("greedy", 1), ("sampled", 4)]
     assert get_spec("aime24").group == "extra"
 
 
@@ -107,8 +131,9 @@ def test_resolve_data_dir_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert resolve_data_dir(tmp_path) == tmp_path.resolve()
 
 
-def test_missing_data_dir_says_where_and_how(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_data_dir_says_where_and_how(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(BenchmarkDataError) as info:
         resolve_data_dir(missing)
@@ -139,24 +164,38 @@ def test_fixture_loaders_produce_schema(data_dir: Path) -> None:
     assert gpqa[0].answer == "C" and gpqa[0].benchmark == "gpqa_diamond"
 
 
-@pytest.mark.parametrize(("rows", "match"), [
-    ([{"id": "1", "question": "q", "answer": "1"}, {"id": "1", "question": "q", "answer": "2"}],
-     "duplicate id"),
-    ([{"id": "1", "question": "q"}], "missing key"),
-    ([{"id": "1", "question": " ", "answer": "2"}], "empty question"),
-    ([{"id": "1", "question": "q", "answer": "2", "choices": ["a", "b"]}], "must not have"),
-])
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        (
+            [
+                {"id": "1", "question": "q", "answer": "1"},
+                {"id": "1", "question": "q", "answer": "2"},
+            ],
+            "duplicate id",
+        ),
+        ([{"id": "1", "question": "q"}], "missing key"),
+        ([{"id": "1", "question": " ", "answer": "2"}], "empty question"),
+        ([{"id": "1", "question": "q", "answer": "2", "choices": ["a", "b"]}], "must not have"),
+    ],
+)
 def test_math_loader_validation(tmp_path: Path, rows: list[dict], match: str) -> None:
     _write_jsonl(tmp_path / "gsm8k" / "test.jsonl", rows)
     with pytest.raises(BenchmarkDataError, match=match):
         load_benchmark("gsm8k", tmp_path)
 
 
-@pytest.mark.parametrize(("row", "match"), [
-    ({"id": "1", "question": "q", "answer": "E", "choices": ["a", "b", "c", "d"]}, "not one of"),
-    ({"id": "1", "question": "q", "answer": "A"}, "choices"),
-    ({"id": "1", "question": "q", "answer": "A", "choices": ["only"]}, "at least two"),
-])
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        (
+            {"id": "1", "question": "q", "answer": "E", "choices": ["a", "b", "c", "d"]},
+            "not one of",
+        ),
+        ({"id": "1", "question": "q", "answer": "A"}, "choices"),
+        ({"id": "1", "question": "q", "answer": "A", "choices": ["only"]}, "at least two"),
+    ],
+)
 def test_mc_loader_validation(tmp_path: Path, row: dict, match: str) -> None:
     _write_jsonl(tmp_path / "mmlu" / "test.jsonl", [row])
     with pytest.raises(BenchmarkDataError, match=match):
@@ -175,12 +214,24 @@ def test_gpqa_from_password_zip(tmp_path: Path) -> None:
     if shutil.which("zip") is None:
         pytest.skip("the zip command is needed to build an encrypted fixture")
     src = tmp_path / "src"
-    _write_jsonl(src / "test.jsonl", [{"id": "r1", "question": "Which?",
-                                       "choices": ["a", "b", "c", "d"], "answer": "B"}])
+    _write_jsonl(
+        src / "test.jsonl",
+        [{"id": "r1", "question": "Which?", "choices": ["a", "b", "c", "d"], "answer": "B"}],
+    )
     folder = tmp_path / "root" / "gpqa_diamond"
     folder.mkdir(parents=True)
-    subprocess.run(["zip", "-q", "-P", "deserted-untie-orchid",
-                    str(folder / "gpqa_diamond.zip"), "test.jsonl"], cwd=src, check=True)
+    subprocess.run(
+        [
+            "zip",
+            "-q",
+            "-P",
+            "deserted-untie-orchid",
+            str(folder / "gpqa_diamond.zip"),
+            "test.jsonl",
+        ],
+        cwd=src,
+        check=True,
+    )
     items = load_benchmark("gpqa_diamond", tmp_path / "root")
     assert [(it.id, it.answer) for it in items] == [("r1", "B")]
     assert not (folder / "test.jsonl").exists()  # read in memory, never extracted
@@ -219,8 +270,10 @@ def test_missing_dev_split_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ real files
 
 REAL_DIR = Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
-real = pytest.mark.skipif(not (REAL_DIR / "gsm8k" / "test.jsonl").is_file(),
-                          reason=f"shared benchmark data not present at {REAL_DIR}")
+real = pytest.mark.skipif(
+    not (REAL_DIR / "gsm8k" / "test.jsonl").is_file(),
+    reason=f"shared benchmark data not present at {REAL_DIR}",
+)
 
 
 @real

@@ -31,11 +31,27 @@ def _results_file(path: Path, label: str, correct: int) -> Path:
     settings = EvalSettings(temperature=0.0)
     runs = plan_runs(["gsm8k"], settings)
     items = {"gsm8k": [BenchmarkItem(f"g{i}", "q", None, "1", "gsm8k") for i in range(4)]}
-    records = [{"type": "item", "run": "gsm8k:greedy", "index": i, "id": f"g{i}", "gold": "1",
-                "num_samples": 1, "num_correct": int(i < correct),
-                "samples": [{"text": "", "extracted": "1", "method": "boxed",
-                             "status": "correct" if i < correct else "incorrect",
-                             "detail": ""}]} for i in range(4)]
+    records = [
+        {
+            "type": "item",
+            "run": "gsm8k:greedy",
+            "index": i,
+            "id": f"g{i}",
+            "gold": "1",
+            "num_samples": 1,
+            "num_correct": int(i < correct),
+            "samples": [
+                {
+                    "text": "",
+                    "extracted": "1",
+                    "method": "boxed",
+                    "status": "correct" if i < correct else "incorrect",
+                    "detail": "",
+                }
+            ],
+        }
+        for i in range(4)
+    ]
     res = build_results(runs, items, records, settings, label=label)
     path.write_text(json.dumps(res), encoding="utf-8")
     return path
@@ -48,29 +64,44 @@ def test_list(cli: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
         assert name in out
 
 
-def test_unknown_benchmark_lists_valid_names(cli: ModuleType,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_benchmark_lists_valid_names(
+    cli: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["--checkpoint", "x", "--benchmarks", "gsm8k,bogus"]) == 2
     err = capsys.readouterr().err
     assert "bogus" in err and "mmlu_pro" in err and "aime24" in err
 
 
-def test_missing_data_dir_message(cli: ModuleType, tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_data_dir_message(
+    cli: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     missing = tmp_path / "no_data"
     assert cli.main(["--checkpoint", "x", "--data-dir", str(missing)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "--data-dir" in err and DATA_DIR_ENV in err
 
 
-def test_missing_checkpoint_is_reported_before_generation(cli: ModuleType, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]
-                                                          ) -> None:
+def test_missing_checkpoint_is_reported_before_generation(
+    cli: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tmp_path / "bench" / "gsm8k"
     data.mkdir(parents=True)
     (data / "test.jsonl").write_text('{"id": "1", "question": "q", "answer": "1"}\n')
-    assert cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--benchmarks", "gsm8k",
-                     "--data-dir", str(tmp_path / "bench"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--benchmarks",
+                "gsm8k",
+                "--data-dir",
+                str(tmp_path / "bench"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "not a directory" in capsys.readouterr().err
     assert cli.main(["--benchmarks", "gsm8k"]) == 2
     assert "--checkpoint is required" in capsys.readouterr().err
@@ -93,7 +124,12 @@ def test_compare(cli: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_script_runs_from_a_checkout() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--list"], capture_output=True,
-                          text=True, cwd=REPO.parent, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--list"],
+        capture_output=True,
+        text=True,
+        cwd=REPO.parent,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "gpqa_diamond" in proc.stdout

@@ -38,17 +38,29 @@ def _build_tiny_model(path: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=1,
-                                  special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        min_frequency=1,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 4, trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                     pad_token="<|pad|>")
-    config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, eos_token_id=hf_tok.eos_token_id,
-                         pad_token_id=hf_tok.pad_token_id, bos_token_id=None,
-                         tie_word_embeddings=False)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=hf_tok.eos_token_id,
+        pad_token_id=hf_tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
@@ -76,8 +88,11 @@ def generator(model_dir: Path) -> HFGenerator:
     return load_generate_fn(model_dir, tp=1, batch_size=4, seed=0, device="cpu")
 
 
-PROMPTS = ["Problem: What is 2 + 3?\n\nSolution:", "Question: x",
-           "A much longer prompt with many more words so that the batch needs left padding"]
+PROMPTS = [
+    "Problem: What is 2 + 3?\n\nSolution:",
+    "Question: x",
+    "A much longer prompt with many more words so that the batch needs left padding",
+]
 
 
 def test_load_generate_fn_builds_cpu_fp32_generator(generator: HFGenerator) -> None:
@@ -148,27 +163,46 @@ def test_load_errors(tmp_path: Path, model_dir: Path) -> None:
 
 
 def _fixture_data(root: Path) -> Path:
-    rows = {"gsm8k": [{"id": f"g{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)}
-                      for i in range(3)],
-            "mmlu": [{"id": f"astronomy/{i}", "question": f"Planet {i}?",
-                      "choices": ["Mars", "Jupiter", "Venus", "Earth"], "answer": "B"}
-                     for i in range(2)]}
+    rows = {
+        "gsm8k": [
+            {"id": f"g{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)
+        ],
+        "mmlu": [
+            {
+                "id": f"astronomy/{i}",
+                "question": f"Planet {i}?",
+                "choices": ["Mars", "Jupiter", "Venus", "Earth"],
+                "answer": "B",
+            }
+            for i in range(2)
+        ],
+    }
     for name, rs in rows.items():
         (root / name).mkdir(parents=True)
-        (root / name / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs),
-                                                encoding="utf-8")
+        (root / name / "test.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rs), encoding="utf-8"
+        )
     return root
 
 
 def test_evaluate_end_to_end_with_tiny_model(generator: HFGenerator, tmp_path: Path) -> None:
     data = _fixture_data(tmp_path / "bench")
-    settings = EvalSettings(data_dir=str(data), num_samples=2, max_new_tokens=8, batch_size=2,
-                            verify_workers=1)
-    res = evaluate(generator, ["gsm8k", "mmlu"], settings, tmp_path / "out", progress=False,
-                   write_reports=False)
+    settings = EvalSettings(
+        data_dir=str(data), num_samples=2, max_new_tokens=8, batch_size=2, verify_workers=1
+    )
+    res = evaluate(
+        generator,
+        ["gsm8k", "mmlu"],
+        settings,
+        tmp_path / "out",
+        progress=False,
+        write_reports=False,
+    )
     assert set(res["runs"]) == {"gsm8k:sampled", "mmlu:greedy", "mmlu:sampled"}
-    records = [json.loads(x) for x in
-               (tmp_path / "out" / "items.jsonl").read_text(encoding="utf-8").splitlines()[1:]]
+    records = [
+        json.loads(x)
+        for x in (tmp_path / "out" / "items.jsonl").read_text(encoding="utf-8").splitlines()[1:]
+    ]
     assert len(records) == 3 + 2 + 2
     for rec in records:
         assert len(rec["samples"]) == rec["num_samples"]
@@ -178,22 +212,40 @@ def test_evaluate_end_to_end_with_tiny_model(generator: HFGenerator, tmp_path: P
 
 
 def _load_cli() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("rlp_evaluate_cli",
-                                                  REPO / "benchmarks" / "evaluate.py")
+    spec = importlib.util.spec_from_file_location(
+        "rlp_evaluate_cli", REPO / "benchmarks" / "evaluate.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_cli_end_to_end_and_resume(model_dir: Path, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_end_to_end_and_resume(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cli = _load_cli()
     data = _fixture_data(tmp_path / "bench")
     out = tmp_path / "eval"
-    argv = ["--checkpoint", str(model_dir), "--benchmarks", "gsm8k,mmlu", "--data-dir",
-            str(data), "--temperature", "0", "--max-new-tokens", "6", "--batch-size", "2",
-            "--out", str(out), "--no-progress", "--verify-workers", "1"]
+    argv = [
+        "--checkpoint",
+        str(model_dir),
+        "--benchmarks",
+        "gsm8k,mmlu",
+        "--data-dir",
+        str(data),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--verify-workers",
+        "1",
+    ]
     assert cli.main(argv) == 0
     stdout = capsys.readouterr().out
     assert "| GSM8K |" in stdout and "results written to" in stdout

@@ -36,8 +36,9 @@ def test_pass_at_k_matches_brute_force_enumeration(n: int) -> None:
             assert pass_at_k(n, c, k) == pytest.approx(_brute_force_pass_at_k(n, c, k), abs=1e-12)
 
 
-@pytest.mark.parametrize(("n", "c", "k"), [(10, 3, 1), (16, 5, 4), (100, 7, 10), (50, 0, 5),
-                                           (20, 20, 3), (9, 4, 5)])
+@pytest.mark.parametrize(
+    ("n", "c", "k"), [(10, 3, 1), (16, 5, 4), (100, 7, 10), (50, 0, 5), (20, 20, 3), (9, 4, 5)]
+)
 def test_pass_at_k_matches_binomial_formula(n: int, c: int, k: int) -> None:
     expected = 1.0 - math.comb(n - c, k) / math.comb(n, k)
     assert pass_at_k(n, c, k) == pytest.approx(expected, rel=1e-12, abs=1e-15)
@@ -102,18 +103,46 @@ def test_accuracy_with_ci_uses_items_as_trials() -> None:
 
 # Table 1 of the paper (Qwen3-1.7B-Base): per-benchmark scores and printed aggregates.
 TABLE1 = {
-    "base": {"math": (2.25, 48.45, 54.16, 25.94, 15.30), "greedy": (50.08, 28.17, 25.25),
-             "sampled": (44.85, 23.95, 27.52), "math_avg6": 24.35, "sci": 34.50,
-             "sci4": 32.11, "overall": 30.32, "overall5": 31.94},
-    "CPT": {"math": (3.96, 57.52, 72.85, 31.25, 19.03), "greedy": (41.95, 27.81, 26.26),
-            "sampled": (40.00, 24.61, 24.75), "math_avg6": 30.77, "sci": 32.01,
-            "sci4": 29.79, "overall": 30.85, "overall5": 32.91},
-    "RLP": {"math": (5.02, 58.48, 74.48, 31.25, 21.19), "greedy": (56.14, 34.62, 28.28),
-            "sampled": (52.18, 30.80, 27.02), "math_avg6": 31.74, "sci": 39.68,
-            "sci4": 36.67, "overall": 36.03, "overall5": 38.14},
-    "RLP+Post": {"math": (7.05, 64.30, 80.50, 36.50, 27.80), "greedy": (61.50, 42.40, 33.33),
-                 "sampled": (61.00, 41.30, 34.97), "math_avg6": 36.03, "sci": 45.74,
-                 "sci4": 45.76, "overall": 42.51, "overall5": 44.91},
+    "base": {
+        "math": (2.25, 48.45, 54.16, 25.94, 15.30),
+        "greedy": (50.08, 28.17, 25.25),
+        "sampled": (44.85, 23.95, 27.52),
+        "math_avg6": 24.35,
+        "sci": 34.50,
+        "sci4": 32.11,
+        "overall": 30.32,
+        "overall5": 31.94,
+    },
+    "CPT": {
+        "math": (3.96, 57.52, 72.85, 31.25, 19.03),
+        "greedy": (41.95, 27.81, 26.26),
+        "sampled": (40.00, 24.61, 24.75),
+        "math_avg6": 30.77,
+        "sci": 32.01,
+        "sci4": 29.79,
+        "overall": 30.85,
+        "overall5": 32.91,
+    },
+    "RLP": {
+        "math": (5.02, 58.48, 74.48, 31.25, 21.19),
+        "greedy": (56.14, 34.62, 28.28),
+        "sampled": (52.18, 30.80, 27.02),
+        "math_avg6": 31.74,
+        "sci": 39.68,
+        "sci4": 36.67,
+        "overall": 36.03,
+        "overall5": 38.14,
+    },
+    "RLP+Post": {
+        "math": (7.05, 64.30, 80.50, 36.50, 27.80),
+        "greedy": (61.50, 42.40, 33.33),
+        "sampled": (61.00, 41.30, 34.97),
+        "math_avg6": 36.03,
+        "sci": 45.74,
+        "sci4": 45.76,
+        "overall": 42.51,
+        "overall5": 44.91,
+    },
 }
 MATH_NAMES = ("aime25", "math500", "gsm8k", "amc23", "minerva_math")
 SCI_NAMES = ("mmlu", "mmlu_pro", "gpqa_diamond")
@@ -122,9 +151,11 @@ SCI_NAMES = ("mmlu", "mmlu_pro", "gpqa_diamond")
 @pytest.mark.parametrize("column", list(TABLE1))
 def test_table1_row_reproduced_with_div6_convention(column: str) -> None:
     row = TABLE1[column]
-    agg = compute_aggregates(dict(zip(MATH_NAMES, row["math"])),
-                             dict(zip(SCI_NAMES, row["greedy"])),
-                             dict(zip(SCI_NAMES, row["sampled"])))
+    agg = compute_aggregates(
+        dict(zip(MATH_NAMES, row["math"])),
+        dict(zip(SCI_NAMES, row["greedy"])),
+        dict(zip(SCI_NAMES, row["sampled"])),
+    )
     # The paper rounds half up (216.15 / 6 = 36.025 -> 36.03): compare within half a cent.
     half = 0.005 + 1e-9
     assert agg.math_avg["/6"] == pytest.approx(row["math_avg6"], abs=half)

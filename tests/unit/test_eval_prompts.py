@@ -73,8 +73,10 @@ def test_mc_prompt_zero_shot() -> None:
 
 
 def test_mc_prompt_few_shot_exemplars_answered_in_extractable_form() -> None:
-    ex = [FewShotExample("Dev q", ("p", "q", "r", "s"), "C", rationale="Because r."),
-          FewShotExample("Dev q2", ("p", "q", "r", "s"), "A")]
+    ex = [
+        FewShotExample("Dev q", ("p", "q", "r", "s"), "C", rationale="Because r."),
+        FewShotExample("Dev q2", ("p", "q", "r", "s"), "A"),
+    ]
     p = mc_prompt("Test q", ["1", "2", "3", "4"], exemplars=ex)
     assert p.count("Question:") == 3
     assert "Because r. The answer is (C)." in p and "step. The answer is (A)." in p

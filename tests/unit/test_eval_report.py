@@ -30,17 +30,32 @@ def _make_results(correct_per_item: dict[str, list[int]], label: str) -> dict[st
         spec = get_spec(run.benchmark)
         counts = correct_per_item[run.key]
         items[run.benchmark] = [
-            BenchmarkItem(f"{run.benchmark}-{i}", "q", ("a", "b", "c", "d") if spec.kind == "mc"
-                          else None, "A" if spec.kind == "mc" else "1", run.benchmark)
+            BenchmarkItem(
+                f"{run.benchmark}-{i}",
+                "q",
+                ("a", "b", "c", "d") if spec.kind == "mc" else None,
+                "A" if spec.kind == "mc" else "1",
+                run.benchmark,
+            )
             for i in range(len(counts))
         ]
         for i, c in enumerate(counts):
             statuses = ["correct"] * c + ["incorrect"] * (run.num_samples - c)
-            records.append({"type": "item", "run": run.key, "index": i,
-                            "id": f"{run.benchmark}-{i}", "gold": "1",
-                            "num_samples": run.num_samples, "num_correct": c,
-                            "samples": [{"text": "", "extracted": "1", "method": "boxed",
-                                         "status": s, "detail": ""} for s in statuses]})
+            records.append(
+                {
+                    "type": "item",
+                    "run": run.key,
+                    "index": i,
+                    "id": f"{run.benchmark}-{i}",
+                    "gold": "1",
+                    "num_samples": run.num_samples,
+                    "num_correct": c,
+                    "samples": [
+                        {"text": "", "extracted": "1", "method": "boxed", "status": s, "detail": ""}
+                        for s in statuses
+                    ],
+                }
+            )
     return build_results(runs, items, records, settings, label=label)
 
 
@@ -81,9 +96,16 @@ def test_build_results_structure(results_a: dict[str, Any]) -> None:
 def test_markdown_labels_conventions(results_a: dict[str, Any]) -> None:
     md = render_markdown(results_a)
     assert md.startswith("# Evaluation: base")
-    for text in ("MMLU@1[4]", "GPQA", "Math Avg (/5", "Math Avg (/6, paper Table 1",
-                 "Overall (Math Avg /5)", "Overall (Math Avg /6)", "Science Avg@1[4]",
-                 "Wilson"):
+    for text in (
+        "MMLU@1[4]",
+        "GPQA",
+        "Math Avg (/5",
+        "Math Avg (/6, paper Table 1",
+        "Overall (Math Avg /5)",
+        "Overall (Math Avg /6)",
+        "Science Avg@1[4]",
+        "Wilson",
+    ):
         assert text in md
     labels = [label for label, _ in aggregate_rows(results_a["aggregates"])]
     assert len(labels) == len(set(labels)) == 6
@@ -114,16 +136,19 @@ def test_compare_results(results_a: dict[str, Any], results_b: dict[str, Any]) -
     assert text.startswith("# Comparison: base (A) vs rlp (B)")
     line = next(ln for ln in text.splitlines() if ln.startswith("| GSM8K |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    a, b = results_a["runs"]["gsm8k:sampled"]["accuracy"], results_b["runs"]["gsm8k:sampled"][
-        "accuracy"]
+    a, b = (
+        results_a["runs"]["gsm8k:sampled"]["accuracy"],
+        results_b["runs"]["gsm8k:sampled"]["accuracy"],
+    )
     assert cells[1] == f"{a:.2f}" and cells[2] == f"{b:.2f}"
     assert cells[3] == f"{b - a:.2f}"
     assert "(n=10)" in cells[4]
     assert "**Overall (Math Avg /6)**" in text
 
 
-def test_compare_flags_setting_differences(results_a: dict[str, Any],
-                                           results_b: dict[str, Any]) -> None:
+def test_compare_flags_setting_differences(
+    results_a: dict[str, Any], results_b: dict[str, Any]
+) -> None:
     results_b = dict(results_b)
     results_b["settings"] = dict(results_b["settings"], seed=5)
     assert "Settings differ: seed (0 vs 5)" in compare_results(results_a, results_b)

@@ -33,14 +33,29 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     root = tmp_path / "bench"
-    _write_jsonl(root / "gsm8k" / "test.jsonl", [
-        {"id": f"g{i}", "question": f"Sam has {i} apples and buys {i + 3} more. How many?",
-         "answer": str(2 * i + 3)} for i in range(7)
-    ])
-    _write_jsonl(root / "mmlu" / "test.jsonl", [
-        {"id": f"astronomy/{i}", "question": f"Astronomy question number {i}?",
-         "choices": ["one", "two", "three", "four"], "answer": "ABCD"[i % 4]} for i in range(5)
-    ])
+    _write_jsonl(
+        root / "gsm8k" / "test.jsonl",
+        [
+            {
+                "id": f"g{i}",
+                "question": f"Sam has {i} apples and buys {i + 3} more. How many?",
+                "answer": str(2 * i + 3),
+            }
+            for i in range(7)
+        ],
+    )
+    _write_jsonl(
+        root / "mmlu" / "test.jsonl",
+        [
+            {
+                "id": f"astronomy/{i}",
+                "question": f"Astronomy question number {i}?",
+                "choices": ["one", "two", "three", "four"],
+                "answer": "ABCD"[i % 4],
+            }
+            for i in range(5)
+        ],
+    )
     return root
 
 
@@ -74,8 +89,9 @@ class FakeGenerator:
         assert m is not None, prompt
         return self.by_question[m.group(1)]
 
-    def __call__(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-                 seed: int) -> list[list[str]]:
+    def __call__(
+        self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seed: int
+    ) -> list[list[str]]:
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise Interrupted(f"simulated crash in call {self.calls}")
@@ -84,8 +100,9 @@ class FakeGenerator:
             it = self._item(prompt)
             row, correct = [], 0
             for j in range(n):
-                h = int(hashlib.sha256(f"{seed}|{it.id}|{j}|{temperature}".encode()).hexdigest(),
-                        16)
+                h = int(
+                    hashlib.sha256(f"{seed}|{it.id}|{j}|{temperature}".encode()).hexdigest(), 16
+                )
                 kind = h % 5
                 row.append(self._text(it, kind))
                 correct += kind in (0, 3)
@@ -135,31 +152,45 @@ def _strip_timing(results: dict[str, Any]) -> dict[str, Any]:
 def test_plan_runs_paper_protocol() -> None:
     runs = plan_runs(["gsm8k", "mmlu"], EvalSettings())
     assert [(r.key, r.num_samples, r.temperature) for r in runs] == [
-        ("gsm8k:sampled", 8, 0.6), ("mmlu:greedy", 1, 0.0), ("mmlu:sampled", 4, 0.6)]
+        ("gsm8k:sampled", 8, 0.6),
+        ("mmlu:greedy", 1, 0.0),
+        ("mmlu:sampled", 4, 0.6),
+    ]
     assert [r.score_label for r in runs] == ["GSM8K", "MMLU", "MMLU@1[4]"]
 
 
 def test_plan_runs_overrides_and_greedy_everywhere() -> None:
     runs = plan_runs(["aime25", "gpqa_diamond"], EvalSettings(num_samples=2, temperature=1.0))
     assert [(r.key, r.num_samples, r.temperature) for r in runs] == [
-        ("aime25:sampled", 2, 1.0), ("gpqa_diamond:greedy", 1, 0.0),
-        ("gpqa_diamond:sampled", 2, 1.0)]
+        ("aime25:sampled", 2, 1.0),
+        ("gpqa_diamond:greedy", 1, 0.0),
+        ("gpqa_diamond:sampled", 2, 1.0),
+    ]
     greedy = plan_runs(["aime25", "gpqa_diamond"], EvalSettings(temperature=0.0))
-    assert [(r.key, r.num_samples) for r in greedy] == [("aime25:greedy", 1),
-                                                         ("gpqa_diamond:greedy", 1)]
+    assert [(r.key, r.num_samples) for r in greedy] == [
+        ("aime25:greedy", 1),
+        ("gpqa_diamond:greedy", 1),
+    ]
 
 
 def test_settings_validation() -> None:
-    for kw in ({"num_samples": 0}, {"temperature": -1.0}, {"batch_size": 0},
-               {"max_new_tokens": 0}, {"few_shot": -1}, {"limit": 0}):
+    for kw in (
+        {"num_samples": 0},
+        {"temperature": -1.0},
+        {"batch_size": 0},
+        {"max_new_tokens": 0},
+        {"few_shot": -1},
+        {"limit": 0},
+    ):
         with pytest.raises(ValueError):
             EvalSettings(**kw)
 
 
 def test_batch_seed_deterministic_and_distinct() -> None:
     assert batch_seed(0, "gsm8k:sampled", 3) == batch_seed(0, "gsm8k:sampled", 3)
-    seeds = {batch_seed(s, r, b) for s in (0, 1) for r in ("a:greedy", "a:sampled")
-             for b in range(50)}
+    seeds = {
+        batch_seed(s, r, b) for s in (0, 1) for r in ("a:greedy", "a:sampled") for b in range(50)
+    }
     assert len(seeds) == 200
     assert all(0 <= s < 2**31 for s in seeds)
 
@@ -167,13 +198,15 @@ def test_batch_seed_deterministic_and_distinct() -> None:
 # ------------------------------------------------------------------------------ the loop
 
 
-def test_evaluate_scores_match_ground_truth(data_dir: Path, tmp_path: Path,
-                                            verifier: MathVerifier) -> None:
+def test_evaluate_scores_match_ground_truth(
+    data_dir: Path, tmp_path: Path, verifier: MathVerifier
+) -> None:
     fake = FakeGenerator(_all_items(data_dir))
     settings = _settings(data_dir, num_samples=3)
     out = tmp_path / "out"
-    res = evaluate(fake, ["gsm8k", "mmlu"], settings, out, label="fake", progress=False,
-                   verifier=verifier)
+    res = evaluate(
+        fake, ["gsm8k", "mmlu"], settings, out, label="fake", progress=False, verifier=verifier
+    )
     assert set(res["runs"]) == {"gsm8k:sampled", "mmlu:greedy", "mmlu:sampled"}
     for key, run in res["runs"].items():
         items = load_benchmark(run["benchmark"], data_dir)
@@ -201,12 +234,20 @@ def test_evaluate_scores_match_ground_truth(data_dir: Path, tmp_path: Path,
     assert len(res["items"]) == 17
 
 
-def test_resume_after_interruption_gives_identical_results(data_dir: Path, tmp_path: Path,
-                                                           verifier: MathVerifier) -> None:
+def test_resume_after_interruption_gives_identical_results(
+    data_dir: Path, tmp_path: Path, verifier: MathVerifier
+) -> None:
     items = _all_items(data_dir)
     settings = _settings(data_dir, num_samples=2, seed=7)
-    full = evaluate(FakeGenerator(items), ["gsm8k", "mmlu"], settings, tmp_path / "full",
-                    progress=False, verifier=verifier, write_reports=False)
+    full = evaluate(
+        FakeGenerator(items),
+        ["gsm8k", "mmlu"],
+        settings,
+        tmp_path / "full",
+        progress=False,
+        verifier=verifier,
+        write_reports=False,
+    )
 
     out = tmp_path / "resumed"
     crashing = FakeGenerator(items, fail_after=4)
@@ -218,83 +259,153 @@ def test_resume_after_interruption_gives_identical_results(data_dir: Path, tmp_p
     assert not (out / "results.json").exists()
 
     again = FakeGenerator(items)
-    resumed = evaluate(again, ["gsm8k", "mmlu"], settings, out, progress=False,
-                       verifier=verifier, write_reports=False)
+    resumed = evaluate(
+        again,
+        ["gsm8k", "mmlu"],
+        settings,
+        out,
+        progress=False,
+        verifier=verifier,
+        write_reports=False,
+    )
     assert again.calls == 7 - 4  # only the unfinished batches are generated
     assert _strip_timing(resumed) == _strip_timing(full)
 
     # A third run regenerates nothing and still reports the same.
     idle = FakeGenerator(items)
-    assert _strip_timing(evaluate(idle, ["gsm8k", "mmlu"], settings, out, progress=False,
-                                  verifier=verifier, write_reports=False)) == _strip_timing(full)
+    assert _strip_timing(
+        evaluate(
+            idle,
+            ["gsm8k", "mmlu"],
+            settings,
+            out,
+            progress=False,
+            verifier=verifier,
+            write_reports=False,
+        )
+    ) == _strip_timing(full)
     assert idle.calls == 0
 
 
-def test_torn_last_line_is_dropped_and_regenerated(data_dir: Path, tmp_path: Path,
-                                                   verifier: MathVerifier) -> None:
+def test_torn_last_line_is_dropped_and_regenerated(
+    data_dir: Path, tmp_path: Path, verifier: MathVerifier
+) -> None:
     items = _all_items(data_dir)
     settings = _settings(data_dir, num_samples=2)
     out = tmp_path / "torn"
-    full = evaluate(FakeGenerator(items), ["mmlu"], settings, out, progress=False,
-                    verifier=verifier, write_reports=False)
+    full = evaluate(
+        FakeGenerator(items),
+        ["mmlu"],
+        settings,
+        out,
+        progress=False,
+        verifier=verifier,
+        write_reports=False,
+    )
     path = out / "items.jsonl"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 25])  # crash in the middle of the last record
     gen = FakeGenerator(items)
-    again = evaluate(gen, ["mmlu"], settings, out, progress=False, verifier=verifier,
-                     write_reports=False)
+    again = evaluate(
+        gen, ["mmlu"], settings, out, progress=False, verifier=verifier, write_reports=False
+    )
     assert gen.calls == 1
     assert _strip_timing(again) == _strip_timing(full)
     assert all(json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
 
 
-def test_resume_with_different_settings_is_refused(data_dir: Path, tmp_path: Path,
-                                                   verifier: MathVerifier) -> None:
+def test_resume_with_different_settings_is_refused(
+    data_dir: Path, tmp_path: Path, verifier: MathVerifier
+) -> None:
     items = _all_items(data_dir)
     out = tmp_path / "o"
-    evaluate(FakeGenerator(items), ["mmlu"], _settings(data_dir, seed=1), out, progress=False,
-             verifier=verifier, write_reports=False)
+    evaluate(
+        FakeGenerator(items),
+        ["mmlu"],
+        _settings(data_dir, seed=1),
+        out,
+        progress=False,
+        verifier=verifier,
+        write_reports=False,
+    )
     with pytest.raises(ResumeMismatchError, match=r"seed: 1 -> 2.*new --out"):
-        evaluate(FakeGenerator(items), ["mmlu"], _settings(data_dir, seed=2), out,
-                 progress=False, verifier=verifier)
+        evaluate(
+            FakeGenerator(items),
+            ["mmlu"],
+            _settings(data_dir, seed=2),
+            out,
+            progress=False,
+            verifier=verifier,
+        )
 
 
-def test_resume_detects_changed_data(data_dir: Path, tmp_path: Path,
-                                     verifier: MathVerifier) -> None:
+def test_resume_detects_changed_data(
+    data_dir: Path, tmp_path: Path, verifier: MathVerifier
+) -> None:
     items = _all_items(data_dir)
     out = tmp_path / "o"
-    evaluate(FakeGenerator(items), ["mmlu"], _settings(data_dir), out, progress=False,
-             verifier=verifier, write_reports=False)
+    evaluate(
+        FakeGenerator(items),
+        ["mmlu"],
+        _settings(data_dir),
+        out,
+        progress=False,
+        verifier=verifier,
+        write_reports=False,
+    )
     rows = [json.loads(x) for x in (data_dir / "mmlu" / "test.jsonl").read_text().splitlines()]
     rows[0]["id"] = "renamed/0"
     _write_jsonl(data_dir / "mmlu" / "test.jsonl", rows)
     with pytest.raises(ResumeMismatchError, match="benchmark files changed"):
-        evaluate(FakeGenerator(_all_items(data_dir)), ["mmlu"], _settings(data_dir), out,
-                 progress=False, verifier=verifier)
+        evaluate(
+            FakeGenerator(_all_items(data_dir)),
+            ["mmlu"],
+            _settings(data_dir),
+            out,
+            progress=False,
+            verifier=verifier,
+        )
 
 
-@pytest.mark.parametrize("bad", [
-    lambda prompts, n, t, m, s: [["x"] * n],  # too few rows
-    lambda prompts, n, t, m, s: [["x"] * (n + 1) for _ in prompts],  # too many samples
-    lambda prompts, n, t, m, s: [[1] * n for _ in prompts],  # not strings
-    lambda prompts, n, t, m, s: "x",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda prompts, n, t, m, s: [["x"] * n],  # too few rows
+        lambda prompts, n, t, m, s: [["x"] * (n + 1) for _ in prompts],  # too many samples
+        lambda prompts, n, t, m, s: [[1] * n for _ in prompts],  # not strings
+        lambda prompts, n, t, m, s: "x",
+    ],
+)
 def test_generate_fn_shape_is_checked(data_dir: Path, tmp_path: Path, bad: Any) -> None:
     with pytest.raises(GenerateFnError, match="generate_fn"):
-        evaluate(bad, ["mmlu"], _settings(data_dir, batch_size=2), tmp_path / "bad",
-                 progress=False, write_reports=False)
+        evaluate(
+            bad,
+            ["mmlu"],
+            _settings(data_dir, batch_size=2),
+            tmp_path / "bad",
+            progress=False,
+            write_reports=False,
+        )
 
 
-def test_limit_and_few_shot_reach_prompts(data_dir: Path, tmp_path: Path,
-                                          verifier: MathVerifier) -> None:
+def test_limit_and_few_shot_reach_prompts(
+    data_dir: Path, tmp_path: Path, verifier: MathVerifier
+) -> None:
     seen: list[str] = []
 
     def gen(prompts: list[str], n: int, t: float, m: int, s: int) -> list[list[str]]:
         seen.extend(prompts)
         return [["\\boxed{0}"] * n for _ in prompts]
 
-    res = evaluate(gen, ["gsm8k"], _settings(data_dir, limit=4, few_shot=2, temperature=0.0),
-                   tmp_path / "lim", progress=False, verifier=verifier, write_reports=False)
+    res = evaluate(
+        gen,
+        ["gsm8k"],
+        _settings(data_dir, limit=4, few_shot=2, temperature=0.0),
+        tmp_path / "lim",
+        progress=False,
+        verifier=verifier,
+        write_reports=False,
+    )
     run = res["runs"]["gsm8k:greedy"]
     assert run["num_items"] == 4 and run["accuracy"] == 0.0
     assert len(seen) == 4 and all(p.count("Problem:") == 3 for p in seen)

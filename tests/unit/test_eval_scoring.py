@@ -28,22 +28,25 @@ def verifier() -> Iterator[MathVerifier]:
 # ------------------------------------------------------------------------------ extraction
 
 
-@pytest.mark.parametrize(("text", "answer", "method"), [
-    ("so the result is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}", "boxed"),
-    ("first \\boxed{3} then corrected: \\boxed{4}", "4", "boxed"),
-    ("nested \\boxed{\\frac{\\sqrt{2}}{2}} ok", "\\frac{\\sqrt{2}}{2}", "boxed"),
-    ("set \\boxed{\\{1, 2\\}}", "\\{1, 2\\}", "boxed"),
-    ("\\fbox{42}", "42", "boxed"),
-    ("\\boxed{\\boxed{7}}", "7", "boxed"),
-    ("$\\boxed 9$", "9", "boxed"),
-    ("The answer is 18.", "18", "answer_is"),
-    ("Thus the final answer is $1.5$. Done", "$1.5$", "answer_is"),
-    ("Final Answer: x^2 + 1\nmore text", "x^2 + 1", "answer_is"),
-    ("She earns 9 + 9 = 18 dollars.\n#### 18", "18", "hashes"),
-    ("we get 3 apples and then 4,500 pears", "4,500", "last_number"),
-    ("ratio is 3/4", "3/4", "last_number"),
-    ("no digits at all", None, "none"),
-])
+@pytest.mark.parametrize(
+    ("text", "answer", "method"),
+    [
+        ("so the result is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}", "boxed"),
+        ("first \\boxed{3} then corrected: \\boxed{4}", "4", "boxed"),
+        ("nested \\boxed{\\frac{\\sqrt{2}}{2}} ok", "\\frac{\\sqrt{2}}{2}", "boxed"),
+        ("set \\boxed{\\{1, 2\\}}", "\\{1, 2\\}", "boxed"),
+        ("\\fbox{42}", "42", "boxed"),
+        ("\\boxed{\\boxed{7}}", "7", "boxed"),
+        ("$\\boxed 9$", "9", "boxed"),
+        ("The answer is 18.", "18", "answer_is"),
+        ("Thus the final answer is $1.5$. Done", "$1.5$", "answer_is"),
+        ("Final Answer: x^2 + 1\nmore text", "x^2 + 1", "answer_is"),
+        ("She earns 9 + 9 = 18 dollars.\n#### 18", "18", "hashes"),
+        ("we get 3 apples and then 4,500 pears", "4,500", "last_number"),
+        ("ratio is 3/4", "3/4", "last_number"),
+        ("no digits at all", None, "none"),
+    ],
+)
 def test_extract_math_answer(text: str, answer: str | None, method: str) -> None:
     ext = extract_math_answer(text)
     assert ext.answer == answer
@@ -60,24 +63,27 @@ def test_last_number_fallback_can_be_disabled() -> None:
     assert extract_math_answer("it is 12", allow_last_number=False).answer is None
 
 
-@pytest.mark.parametrize(("raw", "normalised"), [
-    ("$1,000$", "1000"),
-    ("\\$1,000.", "1000"),
-    ("1{,}000", "1000"),
-    ("5.4 \\text{ cents}", "5.4"),
-    ("6.5 \\mathrm{~m}", "6.5"),
-    ("18 dollars", "18"),
-    ("30^\\circ", "30"),
-    ("30^{\\circ}", "30"),
-    ("45°", "45"),
-    ("\\text{Evelyn}", "Evelyn"),
-    ("\\dfrac{1}{2}", "\\frac{1}{2}"),
-    ("4.5e33", "4.5 \\times 10^{33}"),
-    ("1e-5", "1 \\times 10^{-5}"),
-    ("-1./3", "-1/3"),
-    ("2, 3", "2, 3"),  # a list, not a thousands separator
-    ("\\left( 3, \\frac{\\pi}{2} \\right)", "( 3, \\frac{\\pi}{2} )"),
-])
+@pytest.mark.parametrize(
+    ("raw", "normalised"),
+    [
+        ("$1,000$", "1000"),
+        ("\\$1,000.", "1000"),
+        ("1{,}000", "1000"),
+        ("5.4 \\text{ cents}", "5.4"),
+        ("6.5 \\mathrm{~m}", "6.5"),
+        ("18 dollars", "18"),
+        ("30^\\circ", "30"),
+        ("30^{\\circ}", "30"),
+        ("45°", "45"),
+        ("\\text{Evelyn}", "Evelyn"),
+        ("\\dfrac{1}{2}", "\\frac{1}{2}"),
+        ("4.5e33", "4.5 \\times 10^{33}"),
+        ("1e-5", "1 \\times 10^{-5}"),
+        ("-1./3", "-1/3"),
+        ("2, 3", "2, 3"),  # a list, not a thousands separator
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "( 3, \\frac{\\pi}{2} )"),
+    ],
+)
 def test_normalize_math_answer(raw: str, normalised: str) -> None:
     assert normalize_math_answer(raw) == normalised
 
@@ -141,7 +147,8 @@ def test_checker_exact_shortcut_and_cache(verifier: MathVerifier) -> None:
 
 def test_score_math_batch_statuses(verifier: MathVerifier) -> None:
     scores = score_math_batch(
-        verifier, ["18", "18", "18", "\\frac{1}{2}"],
+        verifier,
+        ["18", "18", "18", "\\frac{1}{2}"],
         ["so \\boxed{18}", "The answer is 17.", "I don't know", "#### 0.5"],
     )
     assert [s.status for s in scores] == ["correct", "incorrect", "no_answer", "correct"]
@@ -170,21 +177,25 @@ def test_verifier_rejects_bad_configuration() -> None:
 
 # ------------------------------------------------------------------------------ multiple choice
 
-@pytest.mark.parametrize(("text", "letter", "method"), [
-    ("Let's think. ... The answer is (C).", "C", "answer_is"),
-    ("the correct answer is: **B**", "B", "answer_is"),
-    ("Answer: D", "D", "answer_is"),
-    ("The answer is C because ...", "C", "answer_is"),
-    ("Option A is wrong. The correct option is B.", "B", "answer_is"),
-    ("so we pick \\boxed{A}", "A", "boxed"),
-    ("so we pick \\boxed{\\text{D}}", "D", "boxed"),
-    ("I am confident: **C**", "C", "bold"),
-    ("After elimination we have (B) left", "B", "paren"),
-    ("C. 42 is right", "C", "line_start"),
-    ("hmm\nB) the second", "B", "line_start"),
-    (" D", "D", "trailing"),
-    ("reasoning ... so it must be A", "A", "trailing"),
-])
+
+@pytest.mark.parametrize(
+    ("text", "letter", "method"),
+    [
+        ("Let's think. ... The answer is (C).", "C", "answer_is"),
+        ("the correct answer is: **B**", "B", "answer_is"),
+        ("Answer: D", "D", "answer_is"),
+        ("The answer is C because ...", "C", "answer_is"),
+        ("Option A is wrong. The correct option is B.", "B", "answer_is"),
+        ("so we pick \\boxed{A}", "A", "boxed"),
+        ("so we pick \\boxed{\\text{D}}", "D", "boxed"),
+        ("I am confident: **C**", "C", "bold"),
+        ("After elimination we have (B) left", "B", "paren"),
+        ("C. 42 is right", "C", "line_start"),
+        ("hmm\nB) the second", "B", "line_start"),
+        (" D", "D", "trailing"),
+        ("reasoning ... so it must be A", "A", "trailing"),
+    ],
+)
 def test_extract_choice_letter(text: str, letter: str, method: str) -> None:
     ext = extract_choice_letter(text, "ABCD")
     assert (ext.answer, ext.method) == (letter, method)

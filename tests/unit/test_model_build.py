@@ -32,8 +32,15 @@ def _ids(b: int, s: int, vocab: int = TINY_VOCAB, seed: int = 0) -> torch.Tensor
 
 @pytest.mark.parametrize(
     ("vocab", "div", "tp", "want"),
-    [(256, 64, 1, 256), (200, 64, 1, 256), (200, 64, 2, 256), (300, 64, 2, 320), (300, 64, 1, 320),
-     (1, 8, 4, 8), (10, 6, 4, 12)],
+    [
+        (256, 64, 1, 256),
+        (200, 64, 1, 256),
+        (200, 64, 2, 256),
+        (300, 64, 2, 320),
+        (300, 64, 1, 320),
+        (1, 8, 4, 8),
+        (10, 6, 4, 12),
+    ],
 )
 def test_padded_vocab_size(vocab: int, div: int, tp: int, want: int) -> None:
     padded = padded_vocab_size(vocab, div, tp)

@@ -35,9 +35,18 @@ def main(argv: list[str]) -> None:
     tok = load_tokenizer(cfg.tokenizer.path)
     model = build.build_model(cfg.model, tok.vocab_size, env.device)
     ddp = optimizer.wrap_ddp(model, cfg.parallel)
-    opt = optimizer.build_optimizer(ddp, cfg.optim, cfg.parallel, build.resolve_dtype(cfg.model, env.device))
-    stream = RLPDataStream(cfg.data.shards, cfg.data, dp_rank=ps.dp_rank, dp_size=ps.dp_size,
-                           seed=cfg.run.seed, target_tokens=cfg.reward.target_tokens, tokenizer=tok)
+    opt = optimizer.build_optimizer(
+        ddp, cfg.optim, cfg.parallel, build.resolve_dtype(cfg.model, env.device)
+    )
+    stream = RLPDataStream(
+        cfg.data.shards,
+        cfg.data,
+        dp_rank=ps.dp_rank,
+        dp_size=ps.dp_size,
+        seed=cfg.run.seed,
+        target_tokens=cfg.reward.target_tokens,
+        tokenizer=tok,
+    )
     losses = []
     for step in range(cfg.run.max_steps):
         inputs, labels = stream.next_ntp_batch(cfg.data.ntp_batch_size)
