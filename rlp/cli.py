@@ -51,11 +51,21 @@ def train_main(argv: list[str]) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from rlp.trainer import Trainer
-
-    trainer = Trainer(cfg)
-    summary = trainer.train()
     from rlp import dist
+    from rlp.checkpoint import CheckpointError
+    from rlp.data.format import DataError
+    from rlp.model.convert import ConversionError
+    from rlp.tokenizer import TokenizerError
+    from rlp.trainer import Trainer, TrainingError
+
+    try:
+        trainer = Trainer(cfg)
+        summary = trainer.train()
+    except (TrainingError, DataError, CheckpointError, TokenizerError, ConversionError) as err:
+        # Problems with the run's inputs or numerics: one clear line, no traceback.
+        print(f"rlp train: error: {err}", file=sys.stderr)
+        dist.shutdown()
+        return 1
 
     if dist.is_rank0():
         final = summary.get("final", {})

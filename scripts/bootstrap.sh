@@ -38,7 +38,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "[bootstrap] installing torch==$CPU_TORCH (CPU build)"
   "$VPY" -m pip install -q "torch==$CPU_TORCH" 2>&1 | grep -v "^WARNING: Location" || true
 fi
-TORCH_VERSION="$("$VPY" -c 'import torch; print(torch.__version__)')"
+TORCH_VERSION="$("$VPY" -c "import torch; print(torch.__version__)" 2>/dev/null)"
 mkdir -p "$VENV/etc"
 CONSTRAINTS="$VENV/etc/constraints.txt"
 echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"

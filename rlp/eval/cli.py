@@ -48,38 +48,73 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", help="Hugging Face model directory to evaluate")
-    p.add_argument("--benchmarks", default="all",
-                   help=f"comma-separated names or 'all' (the 8 paper sets) or 'all+extra'; "
-                        f"valid: {', '.join(REGISTRY)}")
-    p.add_argument("--data-dir", default=None,
-                   help=f"benchmark data root (default: ${DATA_DIR_ENV} or ../shared/benchmarks "
-                        "next to the repository)")
-    p.add_argument("--hf-datasets", action="store_true",
-                   help="load test sets from the Hugging Face hub instead (needs internet and "
-                        "the 'datasets' package)")
-    p.add_argument("--num-samples", type=int, default=None,
-                   help="samples per item for sampled runs (default: 8 math, 4 science)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="temperature of sampled runs (default 0.6); 0 = greedy everywhere")
+    p.add_argument(
+        "--benchmarks",
+        default="all",
+        help=f"comma-separated names or 'all' (the 8 paper sets) or 'all+extra'; "
+        f"valid: {', '.join(REGISTRY)}",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"benchmark data root (default: ${DATA_DIR_ENV} or ../shared/benchmarks "
+        "next to the repository)",
+    )
+    p.add_argument(
+        "--hf-datasets",
+        action="store_true",
+        help="load test sets from the Hugging Face hub instead (needs internet and "
+        "the 'datasets' package)",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="samples per item for sampled runs (default: 8 math, 4 science)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="temperature of sampled runs (default 0.6); 0 = greedy everywhere",
+    )
     p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--limit", type=int, default=None,
-                   help="evaluate a fixed random subset of this many items per benchmark")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate a fixed random subset of this many items per benchmark",
+    )
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1 for HF models)")
-    p.add_argument("--few-shot", type=int, default=0,
-                   help="exemplars per prompt (0 = zero-shot chain of thought)")
+    p.add_argument(
+        "--few-shot",
+        type=int,
+        default=0,
+        help="exemplars per prompt (0 = zero-shot chain of thought)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None,
-                   help="output directory (default runs/eval/<checkpoint name>); re-running "
-                        "with the same directory resumes")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default runs/eval/<checkpoint name>); re-running "
+        "with the same directory resumes",
+    )
     p.add_argument("--label", default=None, help="name shown in reports (default: checkpoint)")
-    p.add_argument("--verify-timeout", type=float, default=10.0,
-                   help="seconds per math-verify check; a timeout counts as incorrect")
-    p.add_argument("--verify-workers", type=int, default=2,
-                   help="math-verify worker processes")
+    p.add_argument(
+        "--verify-timeout",
+        type=float,
+        default=10.0,
+        help="seconds per math-verify check; a timeout counts as incorrect",
+    )
+    p.add_argument("--verify-workers", type=int, default=2, help="math-verify worker processes")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                   help="compare two results files (or their directories) and exit")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A.json", "B.json"),
+        help="compare two results files (or their directories) and exit",
+    )
     p.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
     return p
 
@@ -87,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _list_benchmarks() -> str:
     rows = []
     for spec in REGISTRY.values():
-        protos = ", ".join(f"{pr.mode}(n={pr.num_samples}, T={pr.temperature:g})"
-                           for pr in spec.protocols)
-        rows.append(f"{spec.name:14s} {spec.kind:4s} {spec.group:8s} {protos:40s} "
-                    f"{spec.description}")
+        protos = ", ".join(
+            f"{pr.mode}(n={pr.num_samples}, T={pr.temperature:g})" for pr in spec.protocols
+        )
+        rows.append(
+            f"{spec.name:14s} {spec.kind:4s} {spec.group:8s} {protos:40s} {spec.description}"
+        )
     return "\n".join(rows)
 
 
@@ -99,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Input problems (bad names, missing data, wrong checkpoint, changed settings on resume)
     # are reported as one "error:" line and exit code 2; anything else is a bug and raises.
-    user_errors = (KeyError, ValueError, FileNotFoundError, BenchmarkDataError,
-                   ResumeMismatchError)
+    user_errors = (KeyError, ValueError, FileNotFoundError, BenchmarkDataError, ResumeMismatchError)
     try:
         if args.list:
             print(_list_benchmarks())
@@ -118,10 +154,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--checkpoint is required (or use --compare A.json B.json)")
         benchmarks = parse_benchmark_list(args.benchmarks)
         settings = EvalSettings(
-            num_samples=args.num_samples, temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens, limit=args.limit, few_shot=args.few_shot,
-            batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir,
-            use_hf=args.hf_datasets, verify_timeout_s=args.verify_timeout,
+            num_samples=args.num_samples,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            limit=args.limit,
+            few_shot=args.few_shot,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            data_dir=args.data_dir,
+            use_hf=args.hf_datasets,
+            verify_timeout_s=args.verify_timeout,
             verify_workers=args.verify_workers,
         )
         if not args.hf_datasets:
@@ -134,9 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as exc:
         return _user_error(exc)
     try:
-        results = evaluate(generate_fn, benchmarks, settings, out,
-                           label=args.label or Path(args.checkpoint).name,
-                           checkpoint=str(args.checkpoint), progress=not args.no_progress)
+        results = evaluate(
+            generate_fn,
+            benchmarks,
+            settings,
+            out,
+            label=args.label or Path(args.checkpoint).name,
+            checkpoint=str(args.checkpoint),
+            progress=not args.no_progress,
+        )
     except (BenchmarkDataError, ResumeMismatchError) as exc:
         return _user_error(exc)
     print(render_markdown(results))

@@ -41,8 +41,15 @@ class HFGenerator:
     Each call reseeds torch with its ``seed``, so equal calls give equal outputs.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8,
-                 stop_strings: Sequence[str] = STOP_STRINGS, top_p: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 8,
+        stop_strings: Sequence[str] = STOP_STRINGS,
+        top_p: float = 1.0,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -54,20 +61,29 @@ class HFGenerator:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
-                raise ValueError("the tokenizer has neither a pad nor an eos token; add one "
-                                 "(tokenizer.pad_token = ...) and save it with the checkpoint")
+                raise ValueError(
+                    "the tokenizer has neither a pad nor an eos token; add one "
+                    "(tokenizer.pad_token = ...) and save it with the checkpoint"
+                )
             tokenizer.pad_token = tokenizer.eos_token
         # EOS: the model's generation config may list several ids (e.g. end-of-text and
         # end-of-turn); fall back to the tokenizer's.
         model_gen = getattr(model, "generation_config", None)
         model_eos = getattr(model_gen, "eos_token_id", None) if model_gen is not None else None
         self.eos_token_id: int | list[int] | None = (
-            model_eos if model_eos is not None else tokenizer.eos_token_id)
+            model_eos if model_eos is not None else tokenizer.eos_token_id
+        )
         max_pos = getattr(model.config, "max_position_embeddings", None)
         self.max_positions: int | None = int(max_pos) if max_pos else None
 
-    def __call__(self, prompts: list[str], num_samples: int, temperature: float,
-                 max_new_tokens: int, seed: int) -> list[list[str]]:
+    def __call__(
+        self,
+        prompts: list[str],
+        num_samples: int,
+        temperature: float,
+        max_new_tokens: int,
+        seed: int,
+    ) -> list[list[str]]:
         import torch
 
         if num_samples < 1:
@@ -81,16 +97,20 @@ class HFGenerator:
         torch.manual_seed(seed)
         texts: list[str] = []
         for start in range(0, len(sequences), self.batch_size):
-            texts.extend(self._generate_chunk(sequences[start:start + self.batch_size],
-                                              greedy, temperature, max_new_tokens))
+            texts.extend(
+                self._generate_chunk(
+                    sequences[start : start + self.batch_size], greedy, temperature, max_new_tokens
+                )
+            )
         out: list[list[str]] = []
         for i in range(len(prompts)):
-            row = texts[i * per_prompt:(i + 1) * per_prompt]
+            row = texts[i * per_prompt : (i + 1) * per_prompt]
             out.append(row * num_samples if greedy else row)
         return out
 
-    def _generate_chunk(self, prompts: list[str], greedy: bool, temperature: float,
-                        max_new_tokens: int) -> list[str]:
+    def _generate_chunk(
+        self, prompts: list[str], greedy: bool, temperature: float, max_new_tokens: int
+    ) -> list[str]:
         import torch
         from transformers import GenerationConfig
 
@@ -98,22 +118,33 @@ class HFGenerator:
         if self.max_positions is not None:
             max_len = self.max_positions - max_new_tokens
             if max_len < 1:
-                raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the model's "
-                                 f"{self.max_positions} positions; lower --max-new-tokens")
+                raise ValueError(
+                    f"max_new_tokens={max_new_tokens} does not fit the model's "
+                    f"{self.max_positions} positions; lower --max-new-tokens"
+                )
         self.tokenizer.truncation_side = "left"
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True,
-                             truncation=max_len is not None, max_length=max_len,
-                             add_special_tokens=True)
+        enc = self.tokenizer(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            truncation=max_len is not None,
+            max_length=max_len,
+            add_special_tokens=True,
+        )
         if max_len is not None and enc["input_ids"].shape[1] >= max_len:
-            logger.warning("a prompt was cut from the left to %d tokens to fit the model",
-                           max_len)
+            logger.warning("a prompt was cut from the left to %d tokens to fit the model", max_len)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         # transformers fills every field left at None from the model's own generation_config,
         # so each knob that shapes the distribution is set explicitly (neutral where unused).
         sampling: dict[str, Any] = {}
         if not greedy:
-            sampling = {"temperature": temperature, "top_p": self.top_p, "top_k": 0,
-                        "min_p": 0.0, "typical_p": 1.0}
+            sampling = {
+                "temperature": temperature,
+                "top_p": self.top_p,
+                "top_k": 0,
+                "min_p": 0.0,
+                "typical_p": 1.0,
+            }
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=not greedy,
@@ -126,9 +157,10 @@ class HFGenerator:
             **sampling,
         )
         with torch.inference_mode():
-            generated = self.model.generate(**enc, generation_config=config,
-                                            tokenizer=self.tokenizer)
-        new_tokens = generated[:, enc["input_ids"].shape[1]:]
+            generated = self.model.generate(
+                **enc, generation_config=config, tokenizer=self.tokenizer
+            )
+        new_tokens = generated[:, enc["input_ids"].shape[1] :]
         decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [truncate_at_stop(t, self.stop_strings) for t in decoded]
 
@@ -148,11 +180,19 @@ def resolve_backend(backend: str) -> str:
     return "megatron" if megatron_available() else "hf"
 
 
-def load_generate_fn(checkpoint: str | Path, tp: int = 1, batch_size: int = 8, seed: int = 0,
-                     *, device: str | None = None, dtype: str | None = None,
-                     stop_strings: Sequence[str] = STOP_STRINGS, top_p: float = 1.0,
-                     backend: str = "hf", max_batch_rows: int | None = None
-                     ) -> HFGenerator | MegatronGenerator:
+def load_generate_fn(
+    checkpoint: str | Path,
+    tp: int = 1,
+    batch_size: int = 8,
+    seed: int = 0,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    stop_strings: Sequence[str] = STOP_STRINGS,
+    top_p: float = 1.0,
+    backend: str = "hf",
+    max_batch_rows: int | None = None,
+) -> HFGenerator | MegatronGenerator:
     """Build the runner's ``generate_fn`` from a checkpoint with the chosen ``backend``.
 
     ``backend="hf"`` (the default, for backward compatibility): a local Hugging Face model
@@ -171,20 +211,45 @@ def load_generate_fn(checkpoint: str | Path, tp: int = 1, batch_size: int = 8, s
     if resolve_backend(backend) == "megatron":
         from rlp.eval.megatron_generation import load_megatron_generate_fn
 
-        return load_megatron_generate_fn(checkpoint, tp, seed, device=device, dtype=dtype,
-                                         stop_strings=stop_strings, top_p=top_p,
-                                         max_batch_rows=max_batch_rows)
-    return _load_hf_generate_fn(checkpoint, tp, batch_size, seed, device=device, dtype=dtype,
-                                stop_strings=stop_strings, top_p=top_p)
+        return load_megatron_generate_fn(
+            checkpoint,
+            tp,
+            seed,
+            device=device,
+            dtype=dtype,
+            stop_strings=stop_strings,
+            top_p=top_p,
+            max_batch_rows=max_batch_rows,
+        )
+    return _load_hf_generate_fn(
+        checkpoint,
+        tp,
+        batch_size,
+        seed,
+        device=device,
+        dtype=dtype,
+        stop_strings=stop_strings,
+        top_p=top_p,
+    )
 
 
-def _load_hf_generate_fn(checkpoint: str | Path, tp: int, batch_size: int, seed: int, *,
-                         device: str | None, dtype: str | None, stop_strings: Sequence[str],
-                         top_p: float) -> HFGenerator:
+def _load_hf_generate_fn(
+    checkpoint: str | Path,
+    tp: int,
+    batch_size: int,
+    seed: int,
+    *,
+    device: str | None,
+    dtype: str | None,
+    stop_strings: Sequence[str],
+    top_p: float,
+) -> HFGenerator:
     path = Path(checkpoint).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"--checkpoint {path} is not a directory; pass a Hugging Face "
-                                "model directory (with config.json) written by save_pretrained")
+        raise FileNotFoundError(
+            f"--checkpoint {path} is not a directory; pass a Hugging Face "
+            "model directory (with config.json) written by save_pretrained"
+        )
     if not (path / "config.json").is_file():
         raise ValueError(
             f"--checkpoint {path} has no config.json, so it is not a Hugging Face model "
@@ -192,18 +257,24 @@ def _load_hf_generate_fn(checkpoint: str | Path, tp: int, batch_size: int, seed:
             "export it with `rlp convert mcore-to-hf` and pass that directory."
         )
     if tp != 1:
-        raise ValueError(f"--tp {tp}: the Hugging Face backend runs the model on one device; "
-                         "pass --tp 1, or use --backend megatron for tensor parallelism")
+        raise ValueError(
+            f"--tp {tp}: the Hugging Face backend runs the model on one device; "
+            "pass --tp 1, or use --backend megatron for tensor parallelism"
+        )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = getattr(torch, dtype) if dtype else (
-        torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    torch_dtype = (
+        getattr(torch, dtype)
+        if dtype
+        else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     model.to(dev)
     model.eval()
-    return HFGenerator(model, tokenizer, batch_size=batch_size, stop_strings=stop_strings,
-                       top_p=top_p)
+    return HFGenerator(
+        model, tokenizer, batch_size=batch_size, stop_strings=stop_strings, top_p=top_p
+    )

@@ -250,3 +250,34 @@ def test_kill_resume_is_bit_exact(demo, tmp_path):
     assert [_stable(r) for r in _rows(tmp_path / "straight")] == [
         _stable(r) for r in _rows(run_dir)
     ]
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_a_clear_error(demo, tmp_path):
+    """A diverging run skips non-finite steps, logs them, and stops after optim.max_bad_steps."""
+    run_dir = tmp_path / "diverge"
+    overrides = _overrides(
+        demo,
+        run_dir,
+        8,
+        "optim.lr=1e30",
+        "optim.clip_grad=0",
+        "optim.max_bad_steps=2",
+        "optim.schedule=constant",
+        "optim.warmup_steps=0",
+        "checkpoint.save_every=0",
+    )
+    proc = subprocess.run(
+        _train_cmd(overrides),
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "rlp train: error: 2 consecutive steps had non-finite loss or gradients" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "step skipped (1 in a row)" in proc.stdout
+    rows = _rows(run_dir)
+    assert rows[0]["optim/skipped"] == 0.0 and rows[-1]["optim/skipped"] == 1.0
+    assert not (run_dir / "checkpoints" / "latest").exists()  # nothing broken was saved
