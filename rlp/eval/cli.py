@@ -9,6 +9,9 @@ Examples::
     python benchmarks/evaluate.py --checkpoint M --benchmarks gsm8k,mmlu --limit 20 \\
         --temperature 0 --out runs/eval/smoke
 
+    # tensor parallelism (megatron backend): one process per TP rank; rank 0 writes the outputs
+    torchrun --nproc-per-node 2 benchmarks/evaluate.py --checkpoint M --tp 2 --out runs/eval/tp2
+
     # side-by-side comparison of two finished evaluations
     python benchmarks/evaluate.py --compare runs/eval/base/results.json runs/eval/rlp/results.json
 
@@ -31,6 +34,7 @@ from rlp.eval.benchmarks import (
     parse_benchmark_list,
     resolve_data_dir,
 )
+from rlp.eval.generation import BACKENDS, resolve_backend
 from rlp.eval.report import compare_results, load_results, render_markdown
 from rlp.eval.runner import (
     EvalSettings,
@@ -47,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bundled RLP benchmark evaluation (math pass@1[n], science greedy + @1[n]).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", help="Hugging Face model directory to evaluate")
+    p.add_argument(
+        "--checkpoint",
+        help="Hugging Face model directory, or an rlp checkpoint (step dir or checkpoints root; "
+        "megatron backend only)",
+    )
     p.add_argument(
         "--benchmarks",
         default="all",
@@ -85,7 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="evaluate a fixed random subset of this many items per benchmark",
     )
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1 for HF models)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="generation backend: megatron (rlp's model and KV-cache sampler; HF dirs and rlp "
+        "checkpoints; --tp) or hf (transformers; HF dirs, one device); auto = megatron when "
+        "megatron-core imports, else hf",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size (megatron backend); N > 1 needs N processes: "
+        "torchrun --nproc-per-node N benchmarks/evaluate.py ...",
+    )
     p.add_argument(
         "--few-shot",
         type=int,
@@ -133,9 +155,15 @@ def _list_benchmarks() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = _launch_rank()
+    # Under torchrun only rank 0 talks; the other ranks just generate.
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     # Input problems (bad names, missing data, wrong checkpoint, changed settings on resume)
     # are reported as one "error:" line and exit code 2; anything else is a bug and raises.
+    # Every rank runs the same checks, so all ranks of a launch stop together.
     user_errors = (KeyError, ValueError, FileNotFoundError, BenchmarkDataError, ResumeMismatchError)
     try:
         if args.list:
@@ -152,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.checkpoint:
             raise ValueError("--checkpoint is required (or use --compare A.json B.json)")
+        _check_parallel_args(args)
         benchmarks = parse_benchmark_list(args.benchmarks)
         settings = EvalSettings(
             num_samples=args.num_samples,
@@ -172,9 +201,24 @@ def main(argv: list[str] | None = None) -> int:
                 load_benchmark(name, settings.data_dir, limit=args.limit)
         out = Path(args.out) if args.out else Path("runs/eval") / Path(args.checkpoint).name
         check_resumable(out, settings)
-        generate_fn = load_generate_fn(args.checkpoint, args.tp, args.batch_size, args.seed)
+        backend = resolve_backend(args.backend)
+        if backend == "hf" and args.tp > 1:
+            raise ValueError(
+                f"--tp {args.tp} needs the megatron backend"
+                + (", but megatron-core does not import here" if args.backend == "auto" else "")
+                + "; pass --backend megatron (or --tp 1)"
+            )
+        generate_fn = load_generate_fn(
+            args.checkpoint, args.tp, args.batch_size, args.seed, backend=backend
+        )
     except user_errors as exc:
         return _user_error(exc)
+    if not getattr(generate_fn, "is_leader", True):
+        # A follower TP rank: generate what rank 0 asks for until it is done.
+        code = generate_fn.serve()
+        generate_fn.teardown()
+        return code
+    code = 1  # what the followers are told if evaluate() raises
     try:
         results = evaluate(
             generate_fn,
@@ -185,11 +229,50 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=str(args.checkpoint),
             progress=not args.no_progress,
         )
+        code = 0
     except (BenchmarkDataError, ResumeMismatchError) as exc:
-        return _user_error(exc)
+        code = _user_error(exc)
+        return code
+    finally:
+        if hasattr(generate_fn, "close"):
+            generate_fn.close(code)
+            generate_fn.teardown()
     print(render_markdown(results))
     print(f"results written to {out}/ (results.json, summary.md, accuracy.png, items.jsonl)")
     return 0
+
+
+def _launch_rank() -> int:
+    """Global rank from the launcher's environment (torchrun / srun); 0 for a plain process."""
+    import os
+
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _check_parallel_args(args: argparse.Namespace) -> None:
+    """--tp / --backend / launch consistency, before any data or model is read."""
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    if args.backend == "hf":
+        from rlp.dist import detect_launch
+
+        if args.tp > 1:
+            raise ValueError(
+                f"--tp {args.tp} needs --backend megatron (the hf backend runs one process on "
+                "one device)"
+            )
+        if detect_launch().world_size > 1:
+            raise ValueError(
+                "--backend hf runs in one process: launch it with python, not torchrun/srun, or "
+                "use --backend megatron --tp N with N processes"
+            )
+        return
+    from rlp.eval.megatron_generation import check_launch
+
+    check_launch(args.tp)  # the launch must have exactly --tp processes
 
 
 def _user_error(exc: BaseException) -> int:

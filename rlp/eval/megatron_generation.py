@@ -59,9 +59,12 @@ from rlp.eval.prompts import STOP_STRINGS, truncate_at_stop
 
 logger = logging.getLogger(__name__)
 
-_STOP_PREFIXES = ("", "x", "7.", "$ ", "a)")
-_STOP_SUFFIXES = ("", " A", " 2", "\n")
-"""Contexts a stop string is tokenized in to decide whether it tokenizes stably."""
+_SAFETY_PREFIXES = ("x", "7.", "a)", "$ ", "\n", " ")
+_SAFETY_SUFFIXES = ("", " A", "2", "\n")
+"""Contexts in which a token stop sequence must decode to its stop string (no early cut)."""
+_USUAL_PREFIXES = ("x", "7.", "a)")
+_USUAL_SUFFIXES = ("", " A")
+"""Ordinary text around a stop string, where it must tokenize as on its own to be useful."""
 
 
 def megatron_available() -> bool:
@@ -78,26 +81,36 @@ def token_stop_sequences(
     decode: Callable[[list[int]], str],
     stop_strings: Sequence[str],
 ) -> list[list[int]]:
-    """Token sequences of the stop strings that tokenize the same in context as on their own.
+    """Token sequences of the stop strings that tokenize stably, for the sampler's stop rule.
 
-    ``encode``/``decode`` work without special tokens. A stop string ``s`` with ids ``t`` is kept
-    when ``decode(t) == s`` and, for every tested prefix ``p`` and suffix ``q``,
-    ``encode(p + s + q) == encode(p) + t + encode(q)``. Then a generated row ending in ``t`` has
-    written ``s`` (no early cut), and a model that writes ``s`` the usual way ends in ``t``.
-    Strings that fail (e.g. SentencePiece's leading-space marker on a standalone encode) are
-    left to :func:`rlp.eval.prompts.truncate_at_stop` alone.
+    ``encode``/``decode`` work without special tokens. A stop string ``s`` with ids
+    ``t = encode(s)`` is kept when
+
+    * it is *safe*: ``decode(t) == s`` and ``decode(encode(p) + t + encode(q)) == p + s + q`` for
+      a set of contexts ``p``/``q``, so a row that ends in ``t`` has really written ``s`` (a
+      SentencePiece tokenizer whose standalone encode starts with a space marker fails here);
+    * it is *useful*: ``encode(p + s + q) == encode(p) + t + encode(q)`` after ordinary text, so
+      a model that writes ``s`` the usual way emits ``t``.
+
+    A miss only costs time (the row runs on to EOS or the cap); the text is the same, because
+    every completion is cut with :func:`rlp.eval.prompts.truncate_at_stop` afterwards.
     """
     out: list[list[int]] = []
     for s in stop_strings:
         ids = encode(s)
-        if not ids or decode(ids) != s:
+        if not ids or decode(ids) != s or ids in out:
             continue
-        stable = all(
-            encode(p + s + q) == encode(p) + ids + encode(q)
-            for p in _STOP_PREFIXES
-            for q in _STOP_SUFFIXES
+        safe = all(
+            decode(encode(p) + ids + encode(q)) == p + s + q
+            for p in _SAFETY_PREFIXES
+            for q in _SAFETY_SUFFIXES
         )
-        if stable and ids not in out:
+        useful = all(
+            encode(p + s + q) == encode(p) + ids + encode(q)
+            for p in _USUAL_PREFIXES
+            for q in _USUAL_SUFFIXES
+        )
+        if safe and useful:
             out.append(ids)
     return out
 
@@ -339,7 +352,7 @@ def _model_config(raw: dict[str, Any], where: str) -> Any:
         raise ValueError(f"{where}: the stored model config is unreadable ({e})") from None
 
 
-def _check_launch(tp: int) -> tuple[int, int]:
+def check_launch(tp: int) -> tuple[int, int]:
     """(rank, world size) of this launch; the world must be exactly one TP group."""
     from rlp.dist import detect_launch
 
@@ -396,7 +409,7 @@ def load_megatron_generate_fn(
         raise ValueError(f"dtype must be float32 or bfloat16 (or None for auto), got {dtype!r}")
     if device is not None and not device.startswith(("cpu", "cuda")):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
-    rank, world = _check_launch(tp)
+    rank, world = check_launch(tp)
     hf_dir = (path / "config.json").is_file() and not is_complete(path)
     try:
         if hf_dir:

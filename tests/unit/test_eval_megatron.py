@@ -1,0 +1,180 @@
+"""Tests for rlp.eval.megatron_generation: our megatron model + KV-cache sampler as ``generate_fn``.
+
+The tiny random Llama and its byte-level BPE tokenizer come from ``test_eval_generation``'s
+helper; the weights are re-drawn with ``initializer_range=0.2`` so next-token distributions are
+peaked (no greedy near-ties that float rounding between transformers and megatron could flip),
+and the tokenizer gets a post-processor that prepends a BOS token, as Llama tokenizers do.
+Greedy text must equal the Hugging Face path's on the same weights, from an HF directory and
+from an rlp checkpoint converted from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("megatron.core")
+
+from rlp.eval.generation import load_generate_fn  # noqa: E402
+from rlp.eval.megatron_generation import MegatronGenerator, token_stop_sequences  # noqa: E402
+from rlp.eval.prompts import STOP_STRINGS  # noqa: E402
+from tests.unit.test_eval_generation import PROMPTS, _build_tiny_model  # noqa: E402
+
+BOS_ID = 0  # <|endoftext|> doubles as BOS, GPT-2 style
+
+
+def build_peaked_llama(path: Path) -> Path:
+    """``_build_tiny_model`` (2 layers, hidden 32, BPE tokenizer) with weights of std 0.2 and a
+    tokenizer that prepends BOS."""
+    from tokenizers import Tokenizer, processors
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _build_tiny_model(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", BOS_ID)]
+    )
+    tok.save(str(path / "tokenizer.json"))
+    config = LlamaConfig.from_pretrained(path)
+    config.initializer_range = 0.2
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_peaked_llama(tmp_path_factory.mktemp("peaked_llama"))
+
+
+@pytest.fixture(scope="module")
+def hf_gen(model_dir: Path):
+    return load_generate_fn(model_dir, batch_size=8, device="cpu", backend="hf")
+
+
+@pytest.fixture(scope="module")
+def meg_gen(model_dir: Path) -> MegatronGenerator:
+    gen = load_generate_fn(model_dir, backend="megatron", device="cpu")
+    assert isinstance(gen, MegatronGenerator)
+    return gen
+
+
+def test_greedy_equals_hf_path(hf_gen, meg_gen: MegatronGenerator) -> None:
+    # Same ids as the HF path feeds its model: BOS added by the tokenizer, no chat template.
+    ids = meg_gen.encode_prompts(PROMPTS, 20)
+    assert ids == hf_gen.tokenizer(PROMPTS)["input_ids"]
+    assert all(row[0] == BOS_ID and BOS_ID not in row[1:] for row in ids)
+    ref = hf_gen(PROMPTS, 2, 0.0, 20, 0)
+    got = meg_gen(PROMPTS, 2, 0.0, 20, 0)
+    assert got == ref
+    assert all(row[0] for row in got)  # something was generated
+    assert all(len(row) == 2 and row[0] == row[1] for row in got)
+    # Batching (one sampler call, buckets, prefix sharing) does not change greedy text.
+    assert [meg_gen([p], 1, 0.0, 20, 0)[0] for p in PROMPTS] == [[row[0]] for row in got]
+
+
+def test_stop_strings_cut_like_hf(model_dir: Path, hf_gen, meg_gen: MegatronGenerator) -> None:
+    full = meg_gen([PROMPTS[0]], 1, 0.0, 24, 0)[0][0]
+    assert len(full) >= 6
+    stop = full[3:5]
+    stopped = load_generate_fn(model_dir, backend="megatron", device="cpu", stop_strings=[stop])
+    hf_stopped = load_generate_fn(model_dir, backend="hf", device="cpu", stop_strings=[stop])
+    cut = stopped([PROMPTS[0]], 1, 0.0, 24, 0)[0][0]
+    assert cut == full[: full.find(stop)]
+    assert cut == hf_stopped([PROMPTS[0]], 1, 0.0, 24, 0)[0][0]
+
+
+def test_sampling_is_seeded(meg_gen: MegatronGenerator) -> None:
+    a = meg_gen(PROMPTS, 3, 1.0, 10, 5)
+    assert a == meg_gen(PROMPTS, 3, 1.0, 10, 5)
+    assert a != meg_gen(PROMPTS, 3, 1.0, 10, 6)
+    assert any(len(set(row)) > 1 for row in a)  # samples of one prompt differ
+    assert [len(row) for row in a] == [3, 3, 3]
+
+
+def test_eos_and_token_stops(meg_gen: MegatronGenerator) -> None:
+    tok = meg_gen.hf_tokenizer
+    assert meg_gen.eos_ids == [tok.eos_token_id]  # config.json's eos_token_id
+    # Byte-level BPE: every default stop string is a stable token sequence.
+    assert meg_gen.token_stops == [tok.encode(s, add_special_tokens=False) for s in STOP_STRINGS]
+
+
+def test_unstable_stop_strings_are_left_to_truncation() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    # SentencePiece-style: a standalone encode starts with the "▁" space marker, which a row
+    # ending mid-text in those ids would not have written.
+    sp = Tokenizer(models.BPE())
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Metaspace()
+    sp.train_from_iterator(
+        ["Problem: one\n\nProblem: two", "Question: x"] * 20,
+        trainers.BpeTrainer(vocab_size=120, min_frequency=1, show_progress=False),
+    )
+    assert sp.encode("Problem:").tokens[0].startswith("▁")
+    kept = token_stop_sequences(
+        lambda s: sp.encode(s, add_special_tokens=False).ids,
+        lambda ids: sp.decode(ids),
+        ["Problem:", "\n\nQuestion:"],
+    )
+    assert kept == []
+
+
+def test_rlp_checkpoint_gives_the_same_text(
+    model_dir: Path, meg_gen: MegatronGenerator, tmp_path: Path
+) -> None:
+    from rlp.model.convert import convert_main
+
+    ckpt = tmp_path / "ckpt"
+    assert convert_main(["hf-to-mcore", str(model_dir), str(ckpt)]) == 0
+    from_ckpt = load_generate_fn(ckpt, backend="megatron", device="cpu")
+    assert from_ckpt(PROMPTS, 1, 0.0, 16, 0) == meg_gen(PROMPTS, 1, 0.0, 16, 0)
+
+
+def test_errors(model_dir: Path, meg_gen: MegatronGenerator, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not an rlp checkpoint"):
+        load_generate_fn(tmp_path, backend="megatron")
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
+        load_generate_fn(model_dir, tp=2, backend="megatron")
+    with pytest.raises(ValueError, match="does not fit the model's 1024 positions"):
+        meg_gen(PROMPTS, 1, 0.0, 1024, 0)
+    # The tokenizer wrapper adds <think>, which this model was never trained with.
+    with pytest.raises(ValueError, match="outside the model's"):
+        meg_gen(["a <think> b"], 1, 0.0, 4, 0)
+    meg_gen.rank = 1
+    try:
+        with pytest.raises(RuntimeError, match="follower"):
+            meg_gen(PROMPTS, 1, 0.0, 4, 0)
+    finally:
+        meg_gen.rank = 0
+    with pytest.raises(RuntimeError, match="follower ranks"):
+        meg_gen.serve()
+
+
+def test_cli_parallel_errors(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rlp.eval.cli import main
+
+    base = ["--checkpoint", str(model_dir), "--benchmarks", "gsm8k", "--no-progress"]
+    assert main([*base, "--backend", "hf", "--tp", "2"]) == 2
+    assert "--backend megatron" in capsys.readouterr().err
+    assert main([*base, "--tp", "2"]) == 2
+    assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
+    # Launched with 2 processes but --tp 1: refused before any process group is joined.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(base) == 2
+    assert "2 processes but --tp is 1" in capsys.readouterr().err
