@@ -521,10 +521,15 @@ def demo_is_built(out_dir: str | Path) -> bool:
     ).is_file()
 
 
-def ensure_demo_corpus(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the demo corpus into ``out_dir`` if missing (``data.build_demo_if_missing``)."""
+def ensure_demo_corpus(
+    out_dir: str | Path, seed: int = 0, tokenizer: str | Path | None = None
+) -> Path:
+    """Build the demo corpus into ``out_dir`` if missing (``data.build_demo_if_missing``).
+
+    ``tokenizer``: tokenize with this one (e.g. the model's) instead of training the demo BPE.
+    """
     if not demo_is_built(out_dir):
-        build_demo_corpus(out_dir, seed=seed)
+        build_demo_corpus(out_dir, seed=seed, tokenizer=tokenizer)
     return Path(out_dir)
 
 

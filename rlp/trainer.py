@@ -134,19 +134,30 @@ class Trainer:
     def _load_tokenizer(self) -> Tokenizer:
         cfg = self.cfg
         if cfg.data.build_demo_if_missing:
-            from data_pipelines.demo_corpus import demo_is_built, ensure_demo_corpus
-
-            demo_dir = Path(cfg.tokenizer.path).parent
-            if dist.is_rank0() and not demo_is_built(demo_dir):
-                print(f"[rlp] building the bundled demo corpus into {demo_dir}", flush=True)
-                ensure_demo_corpus(demo_dir)
-            dist.barrier()
+            self._ensure_demo_corpus()
         return load_tokenizer(
             cfg.tokenizer.path,
             think_open=cfg.tokenizer.think_open,
             think_close=cfg.tokenizer.think_close,
             eos_token=cfg.tokenizer.eos_token,
         )
+
+    def _ensure_demo_corpus(self) -> None:
+        """Build the bundled demo corpus where ``data.shards`` expects it (rank 0, once).
+
+        The corpus directory is the parent of the shards' directory. When ``tokenizer.path`` is
+        not that corpus's own ``tokenizer/``, the documents are tokenized with it (e.g. a real
+        model's tokenizer) instead of training the small demo BPE.
+        """
+        from data_pipelines.demo_corpus import demo_is_built, ensure_demo_corpus
+
+        first = self.cfg.data.shards.split(",")[0]
+        demo_dir = Path(first).parent.parent
+        if dist.is_rank0() and not demo_is_built(demo_dir):
+            own = Path(self.cfg.tokenizer.path).resolve() == (demo_dir / "tokenizer").resolve()
+            print(f"[rlp] building the bundled demo corpus into {demo_dir}", flush=True)
+            ensure_demo_corpus(demo_dir, tokenizer=None if own else self.cfg.tokenizer.path)
+        dist.barrier()
 
     def _restore_or_init(self) -> None:
         loaded = None
