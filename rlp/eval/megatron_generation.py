@@ -23,29 +23,38 @@ plain temperature sampling (``top_p = 1``, no top-k), generation stops at EOS (e
 model's ``generation_config``) and at the stop strings. Greedy text equals the HF path's up to
 float rounding of the logits (``tests/unit/test_eval_megatron.py``).
 
-Batching: all prompts of a call go to one :meth:`rlp.model.sampler.Sampler.sample` call, which
-buckets them by length and prefills each prompt once, sharing its KV cache across its
-``num_samples`` rows. ``max_batch_rows`` caps the rows decoded together (default: all).
+Batching: the prompts of a call are decoded together by :class:`rlp.model.sampler.Sampler`,
+which prefills each prompt once and shares its KV cache across its ``num_samples`` rows;
+``max_batch_rows`` caps the rows decoded together (default: all). The sampler keeps every row at
+its true positions, so a decode batch with prompts of different lengths prefills the shortest
+length and feeds the longer prompts' remaining tokens through decode steps, one step per token.
+A batch therefore costs about ``spread + max_new_tokens`` decode steps; splitting it saves the
+length gap at the split but adds a whole decode loop. The prompts of a call, sorted by length,
+are split where two neighbours differ by more than ``bucket_gap`` tokens (default: the call's
+``max_new_tokens``), which minimises the decode steps when rows run to the cap. Batch ``i > 0``
+of a call samples with a seed derived from ``(seed, i)``.
 
-Stop strings are matched twice. A stop string that tokenizes *stably* (the same ids inside any
-text as on its own, e.g. ``"\\n\\nProblem:"`` for byte-level BPE) also becomes a token stop
-sequence of the sampler, which ends that row early; this is only an optimisation. Every decoded
-completion is then cut with :func:`rlp.eval.prompts.truncate_at_stop`, so the text never depends
-on whether the token-level match fired.
+Stop strings are matched twice. A stop string that tokenizes *stably* (see
+:func:`token_stop_sequences`; e.g. ``"\\n\\nProblem:"`` for byte-level BPE) also becomes a
+token stop sequence of the sampler, which ends that row early; this is only an optimisation.
+Every decoded completion is then cut with :func:`rlp.eval.prompts.truncate_at_stop`, so the text
+never depends on whether the token-level match fired.
 
 Tensor parallelism: every TP rank must make the same sampler calls. Global rank 0 (the
-*leader*) runs the evaluation loop; each call first broadcasts its arguments, and the other ranks
-(the *followers*) sit in :meth:`MegatronGenerator.serve`, generating whatever the leader asks
-until :meth:`MegatronGenerator.close` tells them to stop. Only the leader reads results, scores
-and writes files. The world size must equal ``tp`` (one model replica).
+*leader*) runs the evaluation loop; each call tokenizes and checks the prompts, then broadcasts
+the ids and sampling arguments, and the other ranks (the *followers*) sit in
+:meth:`MegatronGenerator.serve`, running the same sampler call until
+:meth:`MegatronGenerator.close` tells them to stop. Only the leader decodes, scores and writes
+files. The world size must equal ``tp`` (one model replica).
 
-Randomness: the sampler draws from a generator seeded by ``(seed, bucket)``, so equal calls give
-equal outputs and TP=1 and TP=2 draw the same samples.
+Randomness: the sampler draws from a generator seeded by the batch seed and its bucket, so equal
+calls give equal outputs and TP=1 and TP=2 draw the same samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -115,6 +124,25 @@ def token_stop_sequences(
     return out
 
 
+def split_at_gaps(lengths: Sequence[int], gap: int) -> list[list[int]]:
+    """Prompt indices sorted by length, split where neighbouring lengths differ by > ``gap``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for j, i in enumerate(order):
+        if not groups or lengths[i] - lengths[order[j - 1]] > gap:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+def _group_seed(seed: int, group: int) -> int:
+    """The seed of a call's ``group``-th decode batch (group 0 keeps ``seed``)."""
+    if group == 0:
+        return seed
+    digest = hashlib.sha256(f"rlp-eval-group:{seed}:{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 class MegatronGenerator:
     """Callable ``generate_fn`` over a megatron ``GPTModel`` and rlp's KV-cache ``Sampler``.
 
@@ -122,9 +150,11 @@ class MegatronGenerator:
     :class:`rlp.tokenizer.Tokenizer`; its ``transformers`` tokenizer (``tokenizer.hf``) encodes
     prompts and decodes completions exactly as the HF path does. ``vocab_size`` is the model's
     unpadded vocabulary (prompt ids at or above it are refused), ``max_positions`` the model's
-    position limit and ``eos_ids`` every id that ends a completion. With ``world_size > 1`` the
-    leader (``rank == 0``) is called and the other ranks run :meth:`serve` (see the module
-    docstring).
+    position limit and ``eos_ids`` every id that ends a completion. ``max_batch_rows`` caps the
+    rows decoded together (None = all rows of a call); ``bucket_gap`` is the prompt length gap
+    that splits a call into separate decode batches (None = the call's ``max_new_tokens``). With
+    ``world_size > 1`` the leader (``rank == 0``) is called and the other ranks run
+    :meth:`serve` (see the module docstring).
     """
 
     def __init__(
@@ -138,11 +168,10 @@ class MegatronGenerator:
         stop_strings: Sequence[str] = STOP_STRINGS,
         top_p: float = 1.0,
         max_batch_rows: int | None = None,
+        bucket_gap: int | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        from rlp.model.sampler import Sampler
-
         if not eos_ids:
             raise ValueError("eos_ids must name at least one end-of-sequence id")
         if not 0 < top_p <= 1:
@@ -155,7 +184,12 @@ class MegatronGenerator:
         self.eos_ids = list(dict.fromkeys(int(e) for e in eos_ids))
         self.stop_strings = tuple(stop_strings)
         self.top_p = top_p
-        self.sampler = Sampler(max_batch_rows=max_batch_rows)
+        if max_batch_rows is not None and max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1 or None, got {max_batch_rows}")
+        if bucket_gap is not None and bucket_gap < 0:
+            raise ValueError(f"bucket_gap must be >= 0 or None, got {bucket_gap}")
+        self.max_batch_rows = max_batch_rows
+        self.bucket_gap = bucket_gap
         self.rank = rank
         self.world_size = world_size
         self._closed = False
@@ -194,9 +228,26 @@ class MegatronGenerator:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        args = (list(prompts), int(num_samples), float(temperature), int(max_new_tokens), int(seed))
+        if not prompts:
+            return []
+        greedy = temperature == 0
+        per_prompt = 1 if greedy else num_samples  # greedy samples are identical
+        # Tokenized (and checked) here, so the followers only ever see valid sampler calls.
+        ids = self.encode_prompts(prompts, max_new_tokens)
+        args = (ids, per_prompt, float(temperature), int(max_new_tokens), int(seed))
         self._broadcast(("generate", args))
-        return self._generate(*args)
+        sequences = self._sample(*args)
+        texts = [
+            truncate_at_stop(
+                self.hf_tokenizer.decode(seq, skip_special_tokens=True), self.stop_strings
+            )
+            for seq in sequences
+        ]
+        out = []
+        for i in range(len(prompts)):
+            row = texts[i * per_prompt : (i + 1) * per_prompt]
+            out.append(row * num_samples if greedy else row)
+        return out
 
     def serve(self) -> int:
         """Follower loop: generate what the leader asks until it closes; returns its exit code."""
@@ -207,7 +258,7 @@ class MegatronGenerator:
             if kind == "stop":
                 self._closed = True
                 return int(payload)
-            self._generate(*payload)
+            self._sample(*payload)
 
     def close(self, exit_code: int = 0) -> None:
         """Leader: release the followers from :meth:`serve` (they return ``exit_code``).
@@ -261,20 +312,18 @@ class MegatronGenerator:
                 )
         return ids
 
-    def _generate(
+    def _sample(
         self,
-        prompts: list[str],
-        num_samples: int,
+        ids: list[list[int]],
+        per_prompt: int,
         temperature: float,
         max_new_tokens: int,
         seed: int,
-    ) -> list[list[str]]:
-        from rlp.model.sampler import SamplingParams
+    ) -> list[list[int]]:
+        """Generated ids of ``per_prompt`` rows per prompt, prompt-major (collective over TP)."""
+        from rlp.model.sampler import Sampler, SamplingParams
 
-        if not prompts:
-            return []
         greedy = temperature == 0
-        per_prompt = 1 if greedy else num_samples  # greedy samples are identical
         params = SamplingParams(
             temperature=temperature,
             top_p=1.0 if greedy else self.top_p,
@@ -284,19 +333,19 @@ class MegatronGenerator:
             eos_id=self.eos_ids[0],
             pad_id=self.tokenizer.pad_id,
         )
-        ids = self.encode_prompts(prompts, max_new_tokens)
-        batch = self.sampler.sample(self.model, ids, per_prompt, params, seed)
-        texts = [
-            truncate_at_stop(
-                self.hf_tokenizer.decode(seq, skip_special_tokens=True), self.stop_strings
+        gap = max_new_tokens if self.bucket_gap is None else self.bucket_gap
+        lengths = [len(x) for x in ids]
+        sequences: list[list[int]] = [[] for _ in range(len(ids) * per_prompt)]
+        for g, group in enumerate(split_at_gaps(lengths, gap)):
+            # Within a group every prompt shares one decode loop (rows permitting).
+            sampler = Sampler(max_batch_rows=self.max_batch_rows, max_prompt_spread=max(lengths))
+            batch = sampler.sample(
+                self.model, [ids[i] for i in group], per_prompt, params, _group_seed(seed, g)
             )
-            for seq in batch.sequences()
-        ]
-        out = []
-        for i in range(len(prompts)):
-            row = texts[i * per_prompt : (i + 1) * per_prompt]
-            out.append(row * num_samples if greedy else row)
-        return out
+            for row, seq in enumerate(batch.sequences()):
+                p, k = divmod(row, per_prompt)
+                sequences[group[p] * per_prompt + k] = seq
+        return sequences
 
     # ------------------------------------------------------------------ teardown
 
@@ -383,6 +432,7 @@ def load_megatron_generate_fn(
     stop_strings: Sequence[str] = STOP_STRINGS,
     top_p: float = 1.0,
     max_batch_rows: int | None = None,
+    bucket_gap: int | None = None,
 ) -> MegatronGenerator:
     """Build a :class:`MegatronGenerator` from an HF model directory or an rlp checkpoint.
 
@@ -390,7 +440,8 @@ def load_megatron_generate_fn(
     processes). Initialises ``torch.distributed`` and megatron's parallel state unless they
     exist (same TP size). ``device``: ``None`` = CUDA when available, else CPU; ``"cpu"`` forces
     gloo on CPU. ``dtype``: ``"float32"`` / ``"bfloat16"``; ``None`` = bfloat16 on CUDA,
-    float32 on CPU (as the HF path). ``seed`` seeds initialisation only (the weights are then
+    float32 on CPU (as the HF path). ``max_batch_rows`` / ``bucket_gap``: see
+    :class:`MegatronGenerator`. ``seed`` seeds initialisation only (the weights are then
     overwritten); every generate call samples with its own seed.
     """
     from rlp.config import ConfigError, ParallelConfig
@@ -420,6 +471,12 @@ def load_megatron_generate_fn(
             eos_dirs = [tok_dir]
         tokenizer = _load_tokenizer(tok_dir, cfg_sections.get("tokenizer") or {})
         model_cfg = dataclasses.replace(model_cfg, params_dtype=dtype or "auto")
+        heads, groups = model_cfg.num_attention_heads, model_cfg.num_query_groups
+        if heads % tp or groups % tp:
+            raise ValueError(
+                f"--tp {tp} must divide the model's {heads} attention heads and {groups} "
+                "key/value groups; pick a --tp that divides both"
+            )
         backend = "auto" if device is None else ("gloo" if device == "cpu" else "nccl")
         model = _build(
             ParallelConfig(tp_size=tp, backend=backend), seed, model_cfg, vocab, build_model, device
@@ -442,6 +499,7 @@ def load_megatron_generate_fn(
         stop_strings=stop_strings,
         top_p=top_p,
         max_batch_rows=max_batch_rows,
+        bucket_gap=bucket_gap,
         rank=rank,
         world_size=world,
     )

@@ -20,7 +20,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("megatron.core")
 
 from rlp.eval.generation import load_generate_fn  # noqa: E402
-from rlp.eval.megatron_generation import MegatronGenerator, token_stop_sequences  # noqa: E402
+from rlp.eval.megatron_generation import (  # noqa: E402
+    MegatronGenerator,
+    split_at_gaps,
+    token_stop_sequences,
+)
 from rlp.eval.prompts import STOP_STRINGS  # noqa: E402
 from tests.unit.test_eval_generation import PROMPTS, _build_tiny_model  # noqa: E402
 
@@ -130,6 +134,27 @@ def test_unstable_stop_strings_are_left_to_truncation() -> None:
         ["Problem:", "\n\nQuestion:"],
     )
     assert kept == []
+
+
+def test_split_at_gaps() -> None:
+    # Sorted lengths 5, 9, 30, 31, 100: gaps 4, 21, 1, 69.
+    lengths = [30, 5, 100, 9, 31]
+    assert split_at_gaps(lengths, 20) == [[1, 3], [0, 4], [2]]
+    assert split_at_gaps(lengths, 69) == [[1, 3, 0, 4, 2]]
+    assert split_at_gaps(lengths, 0) == [[1], [3], [0], [4], [2]]
+    assert split_at_gaps([7, 7], 0) == [[0, 1]]
+
+
+def test_split_batches_give_the_same_greedy_text(meg_gen: MegatronGenerator) -> None:
+    # PROMPTS have different lengths: bucket_gap=0 decodes each in its own batch (own seed).
+    together = meg_gen(PROMPTS, 2, 0.0, 12, 3)
+    meg_gen.bucket_gap = 0
+    try:
+        assert meg_gen(PROMPTS, 2, 0.0, 12, 3) == together
+        sampled = meg_gen(PROMPTS, 2, 1.0, 12, 3)
+        assert sampled == meg_gen(PROMPTS, 2, 1.0, 12, 3)
+    finally:
+        meg_gen.bucket_gap = None
 
 
 def test_rlp_checkpoint_gives_the_same_text(
