@@ -11,11 +11,14 @@ Modules and what they own:
 * :mod:`rlp.eval.metrics`: pass@k, accuracy with Wilson CI, Math Avg (/5, /6, 4 sets), Science
   Avg, Overall.
 * :mod:`rlp.eval.runner`: the resumable evaluation loop around a ``generate_fn``.
-* :mod:`rlp.eval.generation`: ``load_generate_fn`` for a Hugging Face model directory.
+* :mod:`rlp.eval.generation`: ``load_generate_fn`` (backend dispatch; the transformers path).
+* :mod:`rlp.eval.megatron_generation`: generation through our Megatron model and KV-cache
+  sampler, from an HF directory or an rlp checkpoint, with tensor parallelism under torchrun.
 * :mod:`rlp.eval.report`: results JSON, Markdown summary, bar plot, A/B comparison.
 
-Nothing here imports megatron; torch/transformers are imported lazily by ``generation`` only.
-The command-line entry point is ``benchmarks/evaluate.py``.
+Nothing here imports megatron directly (``megatron_generation`` goes through :mod:`rlp.model`);
+torch and transformers are imported lazily by the two generation modules only. The command-line
+entry point is ``rlp eval`` (:mod:`rlp.eval.cli`), also ``python benchmarks/evaluate.py``.
 """
 
 from rlp.eval.benchmarks import (
