@@ -122,15 +122,7 @@ def check_shape(
             f"parallel.pp_size = {mp}, so the data-parallel size is not whole; change "
             f"{'--ntasks' if shape.cpu else '--nodes/--gpus-per-node'} or parallel.tp_size"
         )
-    for key, n in (
-        ("num_attention_heads", m.num_attention_heads),
-        ("num_query_groups", m.num_query_groups),
-    ):
-        if n % p.tp_size:
-            raise ConfigError(
-                f"parallel.tp_size={p.tp_size} does not divide model.{key}={n}; choose a tp_size "
-                f"dividing both {m.num_attention_heads} heads and {m.num_query_groups} query groups"
-            )
+    # Heads / query groups divisible by tp_size: already enforced by rlp.config.validate.
     if shape.cpu:
         if shape.nodes != 1:
             raise ConfigError("--cpu runs on one node (slurm/rlp_cpu.sbatch); drop --nodes")
