@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -192,10 +193,12 @@ class Trainer:
             while self.state.step < cfg.run.max_steps:
                 last = self.train_step()
                 step = self.state.step
-                if self.checkpoints.should_save(step) or step == cfg.run.max_steps:
+                saved = self.checkpoints.should_save(step) or step == cfg.run.max_steps
+                if saved:
                     self.save()
                 if self.signals is not None and self.signals.raised_anywhere():
-                    self.save()
+                    if not saved:
+                        self.save()
                     dist.print0(f"[rlp] signal {self.signals.name}: checkpointed step {step}")
                     raise SystemExit(REQUEUE_EXIT_CODE)
         finally:
@@ -229,7 +232,7 @@ class Trainer:
             with self.timer("ema"):
                 self._ema_update()
         self.state.step += 1
-        metrics.update(self._count_tokens(rollout, ntp_batch))
+        self._count_tokens(rollout, ntp_batch)
         if self.evaluator is not None and self.state.step % cfg.eval.every == 0:
             with self.timer("eval"):
                 metrics.update(self.evaluator.run(self.model, self.sampler, self._teacher))
@@ -390,8 +393,6 @@ class Trainer:
     def _teacher(self):
         """Context in which the model computes with the EMA weights (or the policy if none)."""
         if self.ema is None:
-            from contextlib import nullcontext
-
             return nullcontext()
         return self.ema.swap_into(self._params())
 
@@ -404,7 +405,8 @@ class Trainer:
         thought_mask, target_mask = rollout.label_masks(rows, width)
         return thought_mask.to(self.device), target_mask.to(self.device)
 
-    def _count_tokens(self, rollout, ntp_batch) -> dict[str, Any]:
+    def _count_tokens(self, rollout, ntp_batch) -> None:
+        """Add this step's tokens (summed over DP ranks) to the train state."""
         dp = self.ps.dp_size
         if rollout is not None:
             thought = int(rollout.thought_len.sum())
@@ -413,7 +415,6 @@ class Trainer:
             self.state.input_tokens += int(rollout.prompt_len.sum()) * dp
         if ntp_batch is not None:
             self.state.ntp_tokens += ntp_batch[1].numel() * dp
-        return {}
 
     def _throughput(self, metrics: dict[str, Any], phases: dict[str, float]) -> dict[str, Any]:
         """Tokens/s per phase, summed over DP ranks (metrics are DP means at this point)."""
