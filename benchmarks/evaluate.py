@@ -4,7 +4,7 @@
     python benchmarks/evaluate.py --checkpoint DIR --benchmarks gsm8k,mmlu --limit 20 --out OUT
     python benchmarks/evaluate.py --compare A/results.json B/results.json
 
-Options, prompts and scoring: ``rlp/eval/cli.py`` and ``docs/evaluation.md``.
+Options, prompts and scoring: ``rlp/eval/command.py`` and ``docs/evaluation.md``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlp.eval.cli import main
+from rlp.eval.command import main
 
 if __name__ == "__main__":
     sys.exit(main())

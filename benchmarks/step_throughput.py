@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Measure RLP step time by phase, tokens/s and peak memory for a config.
 
-    python benchmarks/step_throughput.py --config configs/tiny_cpu.yaml --steps 10 --warmup 2
-    python benchmarks/step_throughput.py --config configs/1gpu_smollm2_135m.yaml --steps 10 \
+    python benchmarks/step_throughput.py --config tiny_cpu --steps 10 --warmup 2
+    python benchmarks/step_throughput.py --config 1gpu_smollm2_135m --steps 10 \
         checkpoint.init_from=null          # random weights of that shape
     torchrun --nproc-per-node 2 benchmarks/step_throughput.py --config ... parallel.tp_size=2
 

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipelines.build_shards import ShardWriter
-from data_pipelines.demo_corpus import ensure_demo_corpus
 from rlp.config import DataConfig
+from rlp.data.builder import ShardWriter
+from rlp.data.demo import ensure_demo_corpus
 from rlp.data.format import MANIFEST_NAME, Manifest, TokenizerInfo, read_manifest, write_manifest
 from rlp.data.stream import DocumentStream, RLPDataStream
 

@@ -1,7 +1,7 @@
 """Command line: ``rlp train | config | data | convert | eval | submit | status``.
 
-    rlp train                                   # the tiny CPU run (configs/tiny_cpu.yaml)
-    rlp train --config configs/1gpu_smollm2_135m.yaml optim.lr=3e-6
+    rlp train                                   # the tiny CPU run (rlp/configs/tiny_cpu.yaml)
+    rlp train --config 1gpu_smollm2_135m optim.lr=3e-6
     torchrun --nproc-per-node 2 -m rlp.cli train parallel.tp_size=2
     rlp train --dry-run rollout.num_thoughts=8  # print the resolved config, run nothing
     rlp config --reference                      # every key with its default and docstring
@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from rlp.config import ConfigError, load_config, reference_yaml, to_yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
+DEFAULT_CONFIG = "tiny_cpu"
 
 
 def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
-        "--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name})"
+        "--config",
+        default=None,
+        help=f"YAML file, or the name of a bundled config (default: {DEFAULT_CONFIG})",
     )
     parser.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. rollout.num_thoughts=8"
@@ -96,10 +96,10 @@ def data_main(argv: list[str]) -> int:
         print("usage: rlp data build ARGS... | rlp data demo ARGS...", file=sys.stderr)
         return 2
     if argv[0] == "build":
-        from data_pipelines.build_shards import main as build_main
+        from rlp.data.builder import main as build_main
 
         return int(build_main(argv[1:]) or 0)
-    from data_pipelines.demo_corpus import main as demo_main
+    from rlp.data.demo import main as demo_main
 
     return int(demo_main(argv[1:]) or 0)
 
@@ -111,7 +111,7 @@ def convert_main(argv: list[str]) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
-    from rlp.eval.cli import main as run
+    from rlp.eval.command import main as run
 
     return int(run(argv) or 0)
 
@@ -123,7 +123,7 @@ def submit_main(argv: list[str]) -> int:
 
 
 def status_main(argv: list[str]) -> int:
-    from rlp.status import status_main as run
+    from rlp.monitor import status_main as run
 
     return int(run(argv) or 0)
 

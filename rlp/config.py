@@ -8,7 +8,7 @@ library and PyYAML (no torch), so config tests and ``rlp train --dry-run`` stay 
 * :func:`load_config` reads a YAML file, applies ``a.b=c`` overrides, checks types and cross-field
   rules. Unknown or mistyped keys raise :class:`ConfigError` naming the key and the closest
   valid one; renamed keys keep no alias.
-* Defaults follow the paper (``../shared/docs/rlp-method.md`` §9/§10) where it states a value.
+* Defaults follow the paper (``docs/method.md`` §9/§10) where it states a value.
 """
 
 from __future__ import annotations
@@ -679,13 +679,41 @@ def ema_active(cfg: Config) -> bool:
 # Loading and saving
 
 
+BUNDLED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""Configs shipped inside the package (``rlp train --config tiny_cpu``)."""
+
+
+def bundled_configs() -> list[str]:
+    """Names of the bundled configs (file stems), without the generated ``reference``."""
+    return sorted(p.stem for p in BUNDLED_CONFIG_DIR.glob("*.yaml") if p.stem != "reference")
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file path: an existing file, else a bundled config by name (``tiny_cpu`` or
+    ``tiny_cpu.yaml``). Raises :class:`ConfigError` listing the bundled names."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        bundled = BUNDLED_CONFIG_DIR / (
+            path.name if path.suffix == ".yaml" else f"{path.name}.yaml"
+        )
+        if bundled.is_file():
+            return bundled
+    raise ConfigError(
+        f"config file not found: {name_or_path} (give a YAML file or a bundled config name: "
+        f"{', '.join(bundled_configs())})"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML (or defaults when ``path`` is None), apply dotted overrides, validate."""
+    """Load YAML (or defaults when ``path`` is None), apply dotted overrides, validate.
+
+    ``path`` is a YAML file or the name of a bundled config (:func:`resolve_config_path`).
+    """
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (pass --config with a YAML file)")
+        path = resolve_config_path(path)
         loaded = yaml.safe_load(path.read_text())
         raw = loaded or {}
         if not isinstance(raw, dict):

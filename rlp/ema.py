@@ -1,7 +1,7 @@
 """EMA teacher phi: a shadow copy of the policy parameters for the no-thought baseline S_ema.
 
 This module owns the EMA parameter set and its update rule (paper Alg. 1 lines 4 and 10,
-``rlp-method.md`` section 7)::
+``docs/method.md`` section 7)::
 
     phi <- theta                                   lazily, on the first batch (Alg. 1 line 4)
     phi <- tau * phi + (1 - tau) * theta           after every optimizer step (Alg. 1 line 10)

@@ -3,8 +3,8 @@
 This module owns the differentiable objective (pure tensor maths; imports only torch and
 :mod:`rlp.config`). The trainer passes per-token log-probs, advantages and masks.
 
-Clipped surrogate (paper Eq. 8, Alg. 1 lines 13-14, ``rlp-method.md`` section 6). For thought i with
-tokens u in c_i (``thought_mask``; includes the sampled ``</think>``)::
+Clipped surrogate (paper Eq. 8, Alg. 1 lines 13-14, ``docs/method.md`` section 6). For thought i
+with tokens u in c_i (``thought_mask``; includes the sampled ``</think>``)::
 
     rho_u = exp(log pi_theta(l_u | prefix_u) - log pi_old(l_u | prefix_u))
     L_i   = -(1/|c_i|) sum_u min(rho_u A_i, clip(rho_u, 1 - eps_low, 1 + eps_high) A_i)

@@ -3,7 +3,7 @@
 This module owns the numbers that turn teacher-forced log-probabilities into advantages. It
 imports only torch and :mod:`rlp.config`; the trainer passes tensors and a :class:`RewardConfig`.
 
-Reward (paper Eqs. 3-5, ``rlp-method.md`` section 5). For a context ``x_<t`` with target ``x_t``
+Reward (paper Eqs. 3-5, ``docs/method.md`` section 5). For a context ``x_<t`` with target ``x_t``
 and a sampled thought ``c``::
 
     S_pred(c) = log p_theta(x_t | x_<t, c)      (Eq. 3, same network as the policy)
@@ -15,13 +15,13 @@ With ``target_tokens = K > 1`` the per-token gains over a span ``x_t .. x_{t+K-1
 extension (as in third-party "generalised RLP" prototypes), not RLP as published: the paper uses
 exactly one target token.
 
-Advantage (paper Eq. 7, ``rlp-method.md`` section 6). For the G thoughts of one context::
+Advantage (paper Eq. 7, ``docs/method.md`` section 6). For the G thoughts of one context::
 
     A_i = G / (G - 1) * (r_i - mean_j r_j)  =  r_i - mean_{j != i} r_j      (leave-one-out, RLOO)
 
 No division by the group std (unlike GRPO); ``std_scale`` adds it as an option.
 
-Why the EMA cancels (``rlp-method.md`` section 7): S_ema is one scalar per context, shared by all G
+Why the EMA cancels (``docs/method.md`` section 7): S_ema is one scalar per context, shared by all G
 thoughts, so ``r_i - mean_j r_j = S_pred,i - mean_j S_pred,j`` and any per-group shift-invariant
 transform (centring, std scaling, clipping *after* centring) leaves phi out of the gradient. phi
 matters only through non-shift-invariant steps, selected by config:

@@ -1,15 +1,16 @@
-"""``rlp submit``: render, check and submit a SLURM job (``rlp status`` is in :mod:`rlp.status`).
+"""``rlp submit``: render, check and submit a SLURM job (``rlp status`` is in :mod:`rlp.monitor`).
 
-    rlp submit --config configs/qwen3_1p7b_32xh100.yaml --nodes 4 --gpus-per-node 8 \\
+    rlp submit --config qwen3_1p7b_32xh100 --nodes 4 --gpus-per-node 8 \\
         --partition gpu --time 24:00:00 --account proj [key=value ...]
-    rlp submit --cpu --ntasks 2 --config configs/tiny_cpu.yaml parallel.tp_size=2 --dry-run
+    rlp submit --cpu --ntasks 2 --config tiny_cpu parallel.tp_size=2 --dry-run
 
 ``submit`` loads the config with the overrides, checks it against the requested job shape before
 anything reaches SLURM (world size vs ``parallel.tp_size``, TP inside a node, resume settings,
-time limit vs pre-emption signal), then renders ``slurm/rlp.sbatch`` (GPU nodes, torchrun per node)
-or ``slurm/rlp_cpu.sbatch`` (``--cpu``: one node, one srun task per rank) with its ``#SBATCH``
-header and parameter block, freezes the resolved config into ``RUN_DIR/slurm/config.yaml`` (a
-requeued job runs exactly what was checked), writes ``RUN_DIR/slurm/job.sbatch`` and calls
+time limit vs pre-emption signal), then renders ``rlp/slurm/rlp.sbatch`` (GPU nodes, torchrun per
+node) or ``rlp/slurm/rlp_cpu.sbatch`` (``--cpu``: one node, one srun task per rank) with its
+``#SBATCH`` header and parameter block, freezes the resolved config into
+``RUN_DIR/slurm/config.yaml`` (a requeued job runs exactly what was checked), writes
+``RUN_DIR/slurm/job.sbatch`` and calls
 ``sbatch --parsable``. ``--dry-run`` prints the script and writes nothing.
 
 This module imports no torch: it runs on login nodes.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from rlp.config import Config, ConfigError, load_config, to_yaml
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "slurm"
 GPU_TEMPLATE = "rlp.sbatch"
 CPU_TEMPLATE = "rlp_cpu.sbatch"
 PARAMS_MARKER = "# @RLP_PARAMETERS@"
@@ -125,7 +126,7 @@ def check_shape(
     # Heads / query groups divisible by tp_size: already enforced by rlp.config.validate.
     if shape.cpu:
         if shape.nodes != 1:
-            raise ConfigError("--cpu runs on one node (slurm/rlp_cpu.sbatch); drop --nodes")
+            raise ConfigError("--cpu runs on one node (rlp/slurm/rlp_cpu.sbatch); drop --nodes")
         bad = {
             "run.device": cfg.run.device == "cuda",
             "parallel.backend": p.backend == "nccl",

@@ -29,7 +29,7 @@ from rlp.checkpoint import CheckpointManager, SignalFlag
 from rlp.config import Config, ema_active, save_config
 from rlp.data.stream import RLPDataStream
 from rlp.ema import EMA
-from rlp.evaluate import HeldoutEvaluator
+from rlp.heldout import HeldoutEvaluator
 from rlp.metrics import MetricsLogger, PhaseTimer, all_ranks_true, reduce_metrics
 from rlp.model import build as model_build
 from rlp.model import optimizer as model_optim
@@ -150,7 +150,7 @@ class Trainer:
         not that corpus's own ``tokenizer/``, the documents are tokenized with it (e.g. a real
         model's tokenizer) instead of training the small demo BPE.
         """
-        from data_pipelines.demo_corpus import demo_is_built, ensure_demo_corpus
+        from rlp.data.demo import demo_is_built, ensure_demo_corpus
 
         first = self.cfg.data.shards.split(",")[0]
         demo_dir = Path(first).parent.parent

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.build_shards import BuildOptions, ShardWriter, build_shards
 from rlp.config import DataConfig
+from rlp.data.builder import BuildOptions, ShardWriter, build_shards
 from rlp.data.format import MANIFEST_NAME, Manifest, TokenizerInfo, write_manifest
 from rlp.tokenizer import Tokenizer, train_bpe_tokenizer
 

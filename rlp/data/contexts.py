@@ -1,6 +1,6 @@
 """RLP contexts: choose target positions in a document and cut the prefix before each.
 
-This module owns the data side of one RLP example (paper §3 "Positions"; ``rlp-method.md`` §3):
+This module owns the data side of one RLP example (paper §3 "Positions"; ``docs/method.md`` §3):
 for a document ``x`` of ``L`` tokens it draws ``targets_per_document`` positions ``t`` uniformly,
 without replacement, among the positions that have at least ``min_prefix_tokens`` tokens before
 them and ``K`` target tokens from ``t`` on. The context is the prefix ``x[max(0, t - P) : t]``

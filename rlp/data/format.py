@@ -183,7 +183,7 @@ class Manifest:
             raise ManifestError(
                 f"{where}: manifest version {raw.get('version')!r} is not supported (this rlp "
                 f"reads version {MANIFEST_VERSION}); rebuild the shards with this version's "
-                "data_pipelines.build_shards"
+                "rlp.data.builder"
             )
         try:
             tok = TokenizerInfo(**raw["tokenizer"])

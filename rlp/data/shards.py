@@ -140,7 +140,7 @@ def check_manifest(
             f"the shards in {where} were built with tokenizer {manifest.tokenizer.name!r} "
             f"(hash {manifest.tokenizer.hash}), but this run uses tokenizer "
             f"{tokenizer_name or '?'!r} (hash {tokenizer_hash}). Rebuild the shards with this "
-            f"tokenizer (python -m data_pipelines.build_shards --tokenizer {tokenizer_name} ...) "
+            f"tokenizer (python -m rlp.data.builder --tokenizer {tokenizer_name} ...) "
             f"or set tokenizer.path to {manifest.tokenizer.name!r}; set data.check_tokenizer=false "
             "only if both map text to the same ids"
         )

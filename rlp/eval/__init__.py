@@ -6,9 +6,9 @@ Modules and what they own:
   (local normalised files, GPQA from its password zip, optional HF hub), few-shot pools.
 * :mod:`rlp.eval.prompts`: prompt templates and stop strings (choices documented there and in
   ``docs/evaluation.md``).
-* :mod:`rlp.eval.scoring`: answer extraction and checking (math-verify in worker processes with
+* :mod:`rlp.eval.grading`: answer extraction and checking (math-verify in worker processes with
   our own timeout; multiple-choice letters).
-* :mod:`rlp.eval.metrics`: pass@k, accuracy with Wilson CI, Math Avg (/5, /6, 4 sets), Science
+* :mod:`rlp.eval.aggregates`: pass@k, accuracy with Wilson CI, Math Avg (/5, /6, 4 sets), Science
   Avg, Overall.
 * :mod:`rlp.eval.runner`: the resumable evaluation loop around a ``generate_fn``.
 * :mod:`rlp.eval.generation`: ``load_generate_fn`` (backend dispatch; the transformers path).
@@ -18,9 +18,10 @@ Modules and what they own:
 
 Nothing here imports megatron directly (``megatron_generation`` goes through :mod:`rlp.model`);
 torch and transformers are imported lazily by the two generation modules only. The command-line
-entry point is ``rlp eval`` (:mod:`rlp.eval.cli`), also ``python benchmarks/evaluate.py``.
+entry point is ``rlp eval`` (:mod:`rlp.eval.command`), also ``python benchmarks/evaluate.py``.
 """
 
+from rlp.eval.aggregates import compute_aggregates, math_avg, overall, pass_at_k, science_avg
 from rlp.eval.benchmarks import (
     PAPER_BENCHMARKS,
     REGISTRY,
@@ -29,9 +30,8 @@ from rlp.eval.benchmarks import (
     load_benchmark,
     parse_benchmark_list,
 )
-from rlp.eval.metrics import compute_aggregates, math_avg, overall, pass_at_k, science_avg
+from rlp.eval.grading import MathVerifier, extract_choice_letter, extract_math_answer
 from rlp.eval.runner import EvalSettings, evaluate, load_generate_fn, plan_runs
-from rlp.eval.scoring import MathVerifier, extract_choice_letter, extract_math_answer
 
 __all__ = [
     "PAPER_BENCHMARKS",

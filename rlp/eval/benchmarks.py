@@ -88,7 +88,7 @@ class Protocol:
 
 GREEDY = Protocol("greedy", 1, 0.0)
 DEFAULT_SAMPLING_TEMPERATURE = 0.6
-"""Temperature of the sampled protocols. The paper does not report one (rlp-method.md §13);
+"""Temperature of the sampled protocols. The paper does not report one (docs/method.md §13);
 0.6 is the common choice for pass@1-averaged reasoning evaluation and is documented in
 docs/evaluation.md. Override with ``--temperature``."""
 

@@ -1,6 +1,6 @@
 r"""Prompt templates for the bundled evaluation, and the stop strings that go with them.
 
-This module owns the exact text a model sees. The paper (rlp-method.md §13) evaluates with
+This module owns the exact text a model sees. The paper (docs/method.md §13) evaluates with
 NeMo-Skills and reports neither the template nor few-shot settings, so these are our choices;
 each is documented here and in ``docs/evaluation.md``.
 

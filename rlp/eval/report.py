@@ -1,7 +1,7 @@
 """Reports for the bundled evaluation: JSON, Markdown, a bar plot, and A/B comparison.
 
 This module owns presentation only; numbers come from :mod:`rlp.eval.runner` /
-:mod:`rlp.eval.metrics`.
+:mod:`rlp.eval.aggregates`.
 
 * ``results.json``: the full results dict (settings, per-run metrics with CI, pass@k and status
   counts, the paper's score columns, aggregates with their Math Avg convention labels, per-item
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlp.eval.metrics import MATH_AVG_LABELS, paired_bootstrap_ci
+from rlp.eval.aggregates import MATH_AVG_LABELS, paired_bootstrap_ci
 
 SUMMARY_CONVENTIONS: tuple[str, ...] = ("/5", "/6")
 """Math Avg conventions shown in summaries (``4sets`` stays in the JSON)."""

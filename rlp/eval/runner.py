@@ -43,6 +43,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from rlp.eval.aggregates import (
+    accuracy_with_ci,
+    compute_aggregates,
+    default_ks,
+    mean_pass_at_k,
+)
 from rlp.eval.benchmarks import (
     BenchmarkItem,
     FewShotPool,
@@ -54,14 +60,8 @@ from rlp.eval.benchmarks import (
     with_subjects,
 )
 from rlp.eval.generation import load_generate_fn
-from rlp.eval.metrics import (
-    accuracy_with_ci,
-    compute_aggregates,
-    default_ks,
-    mean_pass_at_k,
-)
+from rlp.eval.grading import STATUSES, MathVerifier, SampleScore, score_math_batch, score_mc
 from rlp.eval.prompts import MATH_EXEMPLARS, STOP_STRINGS, build_prompt, truncate_at_stop
-from rlp.eval.scoring import STATUSES, MathVerifier, SampleScore, score_math_batch, score_mc
 
 __all__ = [
     "EvalSettings",

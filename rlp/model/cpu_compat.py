@@ -1,6 +1,6 @@
 """Runtime shims that let megatron-core 0.16 run on CPU-only torch with gloo.
 
-This module owns every CPU workaround ``rlp`` needs (``megatron-core-notes.md`` §3, rows 1-7 and
+This module owns every CPU workaround ``rlp`` needs (``docs/megatron-core.md`` §3, rows 1-7 and
 9-11) and nothing else:
 
 * :func:`apply` installs rows 1-7, each guarded by ``not torch.cuda.is_available()`` so GPU runs

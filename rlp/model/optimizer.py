@@ -13,7 +13,7 @@ This module owns the training-side plumbing between a built ``GPTModel`` and an 
 The trainer runs its own micro-batch loop (no ``get_forward_backward_func``), so after the last
 backward it must call :func:`finalize_grads`: megatron's ``finalize_model_grads`` all-reduces the
 DP gradients (averaged over DP ranks). Without it every rank silently steps on its local grads
-(``megatron-core-notes.md`` §4 rule 7). With equal per-rank batches and a per-rank mean loss,
+(``docs/megatron-core.md`` §4 rule 7). With equal per-rank batches and a per-rank mean loss,
 DP=N then reproduces the single-process update on the concatenated batch.
 """
 

@@ -2,7 +2,7 @@
 
 This module owns generation for rollouts: :class:`SamplingParams` (the distribution and the stop
 rules), :class:`SampleBatch` (what comes back) and :class:`Sampler` (the decode loop). It calls
-``GPTModel.forward`` directly (``megatron-core-notes.md`` §5, "custom KV-cache loop").
+``GPTModel.forward`` directly (``docs/megatron-core.md`` §5, "custom KV-cache loop").
 
 Layout and ragged prompts
     Prompts are sorted by length and grouped into *buckets* (at most ``max_batch_rows`` rows and

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.build_shards import PROGRESS_NAME, BuildOptions, build_shards
-from data_pipelines.demo_corpus import build_demo_corpus, demo_is_built, ensure_demo_corpus
 from rlp.config import DataConfig
+from rlp.data.builder import PROGRESS_NAME, BuildOptions, build_shards
+from rlp.data.demo import build_demo_corpus, demo_is_built, ensure_demo_corpus
 from rlp.data.format import read_manifest, sha256_file
 from rlp.data.stream import RLPDataStream
 from rlp.tokenizer import load_tokenizer
@@ -33,7 +33,7 @@ def _offline_env() -> dict[str, str]:
 def _build_demo(out: Path) -> float:
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "data_pipelines.demo_corpus", "--out", str(out), "--quiet"],
+        [sys.executable, "-m", "rlp.data.demo", "--out", str(out), "--quiet"],
         cwd=REPO,
         env=_offline_env(),
         check=True,
@@ -86,7 +86,7 @@ def test_sigkilled_build_resumes_to_identical_shards(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "data_pipelines.build_shards",
+        "rlp.data.builder",
         "--input",
         str(src),
         "--tokenizer",

@@ -45,7 +45,7 @@ def _results(out: Path) -> dict:
 @pytest.mark.integration
 def test_tp2_eval_equals_tp1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("transformers")
-    from rlp.eval.cli import main
+    from rlp.eval.command import main
     from tests.unit.test_eval_megatron import build_peaked_llama
 
     model = build_peaked_llama(tmp_path / "model")

@@ -19,7 +19,7 @@ from tests.model_helpers import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.integration
 
-TINY = REPO_ROOT / "configs" / "tiny_cpu.yaml"
+TINY = REPO_ROOT / "rlp" / "configs" / "tiny_cpu.yaml"
 
 # Every metric issue #3 asks for; each must be present and finite in metrics.jsonl.
 REQUIRED = [
@@ -59,7 +59,7 @@ VOLATILE = ("time/", "throughput/")
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    from data_pipelines.demo_corpus import ensure_demo_corpus
+    from rlp.data.demo import ensure_demo_corpus
 
     return ensure_demo_corpus(tmp_path_factory.mktemp("demo"))
 

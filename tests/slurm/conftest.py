@@ -152,7 +152,7 @@ class Slurm:
             "rlp.cli",
             "submit",
             "--config",
-            str(REPO / "configs" / "tiny_cpu.yaml"),
+            str(REPO / "rlp" / "configs" / "tiny_cpu.yaml"),
             "--time",
             "15",
             "--entry",

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlp.status import latest_checkpoint
+from rlp.monitor import latest_checkpoint
 
 pytestmark = pytest.mark.slurm
 
@@ -160,7 +160,7 @@ def test_cpu_job_runs_to_completion(slurm, reference: Run) -> None:
 
 
 def test_status_reports_finished_run(slurm, reference: Run, capsys) -> None:
-    from rlp.status import status_main
+    from rlp.monitor import status_main
 
     assert status_main([str(reference.run_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -254,7 +254,7 @@ def test_plain_sbatch_with_environment_parameters(slurm, tmp_path, separator) ->
         overrides.append("run.name=plain sbatch")
     env = dict(
         slurm.env,
-        RLP_CONFIG=str(REPO / "configs" / "tiny_cpu.yaml"),
+        RLP_CONFIG=str(REPO / "rlp" / "configs" / "tiny_cpu.yaml"),
         RLP_RUN_DIR=str(run_dir),
         RLP_OVERRIDES=separator.join(overrides),
         RLP_ENTRY="fake_trainer",
@@ -266,7 +266,7 @@ def test_plain_sbatch_with_environment_parameters(slurm, tmp_path, separator) ->
             "--parsable",
             "--time=5",
             f"--output={run_dir}/logs/slurm-%j.out",
-            str(REPO / "slurm" / "rlp_cpu.sbatch"),
+            str(REPO / "rlp" / "slurm" / "rlp_cpu.sbatch"),
         ],
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""data_pipelines.build_shards: read-back exactness, determinism, idempotency, interruption."""
+"""rlp.data.builder: read-back exactness, determinism, idempotency, interruption."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipelines.build_shards import (
+from rlp.data.builder import (
     PROGRESS_NAME,
     BuildError,
     BuildOptions,

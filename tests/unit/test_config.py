@@ -13,7 +13,7 @@ from rlp import config as C
 REPO = Path(__file__).resolve().parents[2]
 
 # Pinned on purpose: adding, renaming or removing a section or key must be a visible decision
-# (update this test, configs/reference.yaml and the docs together). Renamed keys keep no alias.
+# (update this test, rlp/configs/reference.yaml and the docs together). Renamed keys keep no alias.
 SECTIONS = (
     "run",
     "model",
@@ -36,10 +36,10 @@ def test_top_level_sections_are_pinned():
 
 
 def test_key_set_matches_reference_yaml():
-    """configs/reference.yaml is the generated all-keys file; it must match the dataclasses."""
-    reference = (REPO / "configs" / "reference.yaml").read_text()
+    """rlp/configs/reference.yaml is the generated all-keys file; it must match the dataclasses."""
+    reference = (REPO / "rlp" / "configs" / "reference.yaml").read_text()
     assert reference == C.reference_yaml(), (
-        "regenerate with: rlp config --reference > configs/reference.yaml"
+        "regenerate with: rlp config --reference > rlp/configs/reference.yaml"
     )
 
 
@@ -149,7 +149,9 @@ def test_missing_file_error(tmp_path):
         C.load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "rlp" / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_configs_load(path):
     if path.name == "reference.yaml":
         raw = yaml.safe_load(path.read_text())
@@ -160,7 +162,7 @@ def test_shipped_configs_load(path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = C.load_config(REPO / "configs" / "tiny_cpu.yaml", ["rollout.num_thoughts=6"])
+    cfg = C.load_config(REPO / "rlp" / "configs" / "tiny_cpu.yaml", ["rollout.num_thoughts=6"])
     out = C.save_config(cfg, tmp_path / "run" / "config.yaml")
     again = C.load_config(out)
     assert again.to_dict() == cfg.to_dict()

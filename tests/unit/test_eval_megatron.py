@@ -191,7 +191,7 @@ def test_errors(model_dir: Path, meg_gen: MegatronGenerator, tmp_path: Path) -> 
 def test_cli_parallel_errors(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from rlp.eval.cli import main
+    from rlp.eval.command import main
 
     base = ["--checkpoint", str(model_dir), "--benchmarks", "gsm8k", "--no-progress"]
     assert main([*base, "--backend", "hf", "--tp", "2"]) == 2

@@ -1,4 +1,4 @@
-"""Tests for rlp.eval.metrics: pass@k, Wilson CI, paper aggregates (Table 1 / Table 2 rows)."""
+"""Tests for rlp.eval.aggregates: pass@k, Wilson CI, paper aggregates (Table 1 / Table 2 rows)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from rlp.eval.metrics import (
+from rlp.eval.aggregates import (
     MATH_AVG_LABELS,
     accuracy_with_ci,
     compute_aggregates,
@@ -162,7 +162,7 @@ def test_table1_row_reproduced_with_div6_convention(column: str) -> None:
     assert agg.science_avg == pytest.approx(row["sci"], abs=half)
     assert agg.science_avg_sampled == pytest.approx(row["sci4"], abs=half)
     assert agg.overall["/6"] == pytest.approx(row["overall"], abs=half)
-    # With the /5 convention the numbers are those listed in rlp-method.md §13.
+    # With the /5 convention the numbers are those listed in docs/method.md §13.
     assert agg.overall["/5"] == pytest.approx(row["overall5"], abs=half)
     assert agg.missing == []
 

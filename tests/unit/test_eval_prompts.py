@@ -7,6 +7,7 @@ import re
 import pytest
 
 from rlp.eval.benchmarks import BenchmarkItem, FewShotExample, FewShotPool
+from rlp.eval.grading import extract_choice_letter, extract_math_answer
 from rlp.eval.prompts import (
     MATH_EXEMPLARS,
     STOP_STRINGS,
@@ -16,7 +17,6 @@ from rlp.eval.prompts import (
     mc_prompt,
     truncate_at_stop,
 )
-from rlp.eval.scoring import extract_choice_letter, extract_math_answer
 
 
 def test_zero_shot_math_prompt() -> None:

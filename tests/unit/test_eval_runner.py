@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from rlp.eval.benchmarks import BenchmarkItem, load_benchmark
+from rlp.eval.grading import MathVerifier
 from rlp.eval.runner import (
     EvalSettings,
     GenerateFnError,
@@ -20,7 +21,6 @@ from rlp.eval.runner import (
     evaluate,
     plan_runs,
 )
-from rlp.eval.scoring import MathVerifier
 
 pytest.importorskip("math_verify")
 

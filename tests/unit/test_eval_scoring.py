@@ -1,4 +1,4 @@
-"""Tests for rlp.eval.scoring: extraction, normalisation, math-verify workers, MC letters."""
+"""Tests for rlp.eval.grading: extraction, normalisation, math-verify workers, MC letters."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rlp.eval.scoring import (
+from rlp.eval.grading import (
     MathVerifier,
     extract_choice_letter,
     extract_math_answer,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rlp.config import load_config
-from rlp.status import latest_checkpoint, status_main
+from rlp.monitor import latest_checkpoint, status_main
 from rlp.submit import (
     PARAMS_MARKER,
     SubmitError,
@@ -25,7 +25,7 @@ from rlp.submit import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs" / "tiny_cpu.yaml"
+TINY = REPO / "rlp" / "configs" / "tiny_cpu.yaml"
 GPU_4x8 = shlex.split(
     "--nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00 --account proj run.device=auto "
     "parallel.tp_size=2"
@@ -129,8 +129,8 @@ def test_shell_scripts_are_shellcheck_clean(config, capsys, tmp_path: Path) -> N
     rendered = tmp_path / "job.sbatch"
     rendered.write_text(_dry_run(capsys, config, tmp_path, *GPU_4x8))
     files = [
-        REPO / "slurm" / "rlp.sbatch",
-        REPO / "slurm" / "rlp_cpu.sbatch",
+        REPO / "rlp" / "slurm" / "rlp.sbatch",
+        REPO / "rlp" / "slurm" / "rlp_cpu.sbatch",
         REPO / "scripts" / "ci" / "local_slurm.sh",
         rendered,
     ]
@@ -325,7 +325,7 @@ def test_requeue_exit_code_agrees_with_trainer_and_templates() -> None:
     from rlp.submit import REQUEUE_EXIT_CODE
 
     for name in ("rlp.sbatch", "rlp_cpu.sbatch"):
-        text = (REPO / "slurm" / name).read_text()
+        text = (REPO / "rlp" / "slurm" / name).read_text()
         assert f"\nREQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}\n" in text, name
     trainer = REPO / "rlp" / "trainer.py"
     if trainer.exists():  # read, not imported: importing the trainer pulls in torch and megatron

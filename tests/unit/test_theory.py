@@ -1,4 +1,4 @@
-"""Theory facts of the paper (rlp-method.md section 11) checked through rlp.reward + rlp.objective.
+"""Theory facts of the paper (docs/method.md section 11) checked through rlp.reward + rlp.objective.
 
 * v2 section 9.2 numeric example (advantages, one softmax policy step, J before/after).
 * Unbiasedness (v2 section 9): E[(1/G) sum_i A_i grad log pi(c_i)] = grad J, Monte Carlo.

@@ -27,7 +27,7 @@ Equivalence: identical normalised strings are correct at once; otherwise math-ve
 decides with ``verify(parse(gold), parse(pred))`` (**gold first**), both wrapped as
 ``$\boxed{...}$`` so its LaTeX extractor sees them. math-verify's own timeouts use
 ``signal.alarm``, which fails off the main thread (and a swallowed ``ValueError`` silently scores
-everything 0, see environment.md §6). So we call it with ``parsing_timeout=None`` and
+everything 0, see docs/environment.md §6). So we call it with ``parsing_timeout=None`` and
 ``timeout_seconds=None`` and enforce our own limit in :class:`MathVerifier`: a small pool of
 worker *processes*; a pair that runs past ``timeout_s`` gets its worker killed and replaced and is
 recorded as ``timeout`` (counted incorrect). Exceptions inside math-verify are recorded as

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on the paper's benchmarks (rlp-method.md §13), or compare two results.
+"""Evaluate a checkpoint on the paper's benchmarks (docs/method.md §13), or compare two results.
 
 Examples::
 

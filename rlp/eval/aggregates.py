@@ -1,7 +1,7 @@
 r"""Metrics and aggregates for the bundled evaluation.
 
 This module owns the numbers: unbiased pass@k, per-benchmark accuracy with a confidence interval,
-and the paper's aggregates (rlp-method.md §13). Pure Python; scores are in **percent** (0-100)
+and the paper's aggregates (docs/method.md §13). Pure Python; scores are in **percent** (0-100)
 like the paper's tables, per-item scores are fractions in [0, 1].
 
 * **pass@k** (Chen et al. 2021): ``1 - C(n-c, k) / C(n, k)`` for ``n`` samples of which ``c``
@@ -175,7 +175,7 @@ def science_avg(scores: Mapping[str, float]) -> float:
 
 
 def overall(math_average: float, science_greedy_avg: float, science_sampled_avg: float) -> float:
-    """Overall = mean(Math Avg, Science Avg, Science Avg@1[4]) (rlp-method.md §13)."""
+    """Overall = mean(Math Avg, Science Avg, Science Avg@1[4]) (docs/method.md §13)."""
     return (math_average + science_greedy_avg + science_sampled_avg) / 3.0
 
 
