@@ -5,6 +5,7 @@
     python benchmarks/step_throughput.py --config 1gpu_smollm2_135m --steps 10 \
         checkpoint.init_from=null          # random weights of that shape
     torchrun --nproc-per-node 2 benchmarks/step_throughput.py --config ... parallel.tp_size=2
+    python benchmarks/step_throughput.py --config tiny_cpu rollout.engine=reference  # old sampler
 
 Runs ``--warmup + --steps`` training steps with checkpointing off (in a scratch run directory),
 then prints a table of median seconds per phase (sample, score, loss, optim, ema), thought and
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "hardware": _hardware(),
         "world_size": dist.get_env().world_size,
+        "rollout_engine": trainer.engine.name,
         "torch": torch.__version__,
         "platform": platform.platform(),
         "steps_measured": len(rows),

@@ -10,13 +10,19 @@ module never imports megatron. Layout under ``checkpoint.dir``::
       rank_states/rank_00000.pt   per rank: train state (data cursor!) + RNG states
       config.yaml           the run's resolved config (loads with rlp.config.load_config)
       tokenizer/            the run's tokenizer files
+      files.json            every file above with its size (checked before loading)
     tmp_step_0000020/       a save in progress (or interrupted: removed on the next start)
 
 Save protocol (:meth:`CheckpointManager.save`, collective): rank 0 creates ``tmp_step_N``; all
-ranks write their shards and their own rank file; barrier; rank 0 writes the run files,
-``metadata.json`` and the ``COMPLETE`` marker, renames ``tmp_step_N`` -> ``step_N``, rewrites
-``latest``, then applies retention. A crash at any point leaves the previous checkpoint intact
-and ``latest`` pointing at a complete one. Resume picks the newest directory *with* the marker.
+ranks write their shards and their own rank file and report those files' sizes; rank 0 writes
+the run files, ``files.json`` (every file and its size), ``metadata.json`` and the
+``COMPLETE`` marker, renames ``tmp_step_N`` -> ``step_N``, rewrites ``latest``, then applies
+retention. A crash at any point leaves the previous checkpoint intact and ``latest`` pointing at
+a complete one. A full disk removes the partial save and raises ``no space left on <dir>``.
+
+Resume (:meth:`CheckpointManager.load_latest`) picks the newest directory *with* the marker whose
+files match its ``files.json``; a damaged one (missing / truncated shard or rank file) is skipped
+with a warning naming it, and the next older intact checkpoint is loaded.
 
 Per-rank state: data cursors differ per DP rank and RNG streams per rank, so every rank stores
 its own; when the world layout changed (TP/DP resharding) they cannot be mapped one-to-one and
@@ -28,6 +34,8 @@ sets the flag; saving inside a signal handler would re-enter collectives).
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import shutil
 import signal
@@ -45,22 +53,32 @@ import yaml
 from rlp import dist
 from rlp.config import CheckpointConfig
 from rlp.model import sharded
-from rlp.model.sharded import CheckpointError, IncompatibleCheckpointError
+from rlp.model.sharded import (
+    CheckpointError,
+    DamagedCheckpointError,
+    IncompatibleCheckpointError,
+    UnsafeCheckpointError,
+)
 from rlp.state import capture_rng
 
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
+    "DamagedCheckpointError",
     "IncompatibleCheckpointError",
     "LoadedCheckpoint",
     "SignalFlag",
+    "UnsafeCheckpointError",
 ]
 
 LATEST_FILE = "latest"
 TRAIN_STATE_FILE = "train_state.json"
-RANK_STATE_DIR = "rank_states"
-CONFIG_FILE = "config.yaml"
+RANK_STATE_DIR = sharded.RANK_STATE_DIR
+CONFIG_FILE = sharded.RUN_CONFIG_FILE
 TMP_PREFIX = "tmp_"
+_FULL_DISK_BYTES = 1 << 20
+"""Free space below which a failed write counts as a full disk (torch.save's C++ writer
+reports ENOSPC as ``[enforce fail at inline_container.cc]`` without an errno)."""
 
 
 @dataclass
@@ -81,6 +99,8 @@ class LoadedCheckpoint:
     """True when DP (and PP) sizes match the saver's: the data cursor in ``train_state`` is this
     rank's own DP slot and continues exactly (a TP-only change keeps the data order)."""
     source_rank: int
+    skipped: tuple[str, ...] = ()
+    """Why newer checkpoints were passed over (damaged), newest first; empty normally."""
 
 
 def _encode(obj: Any) -> Any:
@@ -107,6 +127,44 @@ def _decode(obj: Any) -> Any:
     return obj
 
 
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Plain file write, so a full disk surfaces as ``OSError(ENOSPC)`` (torch.save's C++ writer
+    turns it into an errno-less ``enforce fail``)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+
+
+def _is_disk_full(err: BaseException, where: Path) -> bool:
+    """Whether ``err`` (or what caused it) is a full disk / exhausted quota under ``where``."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [err]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        # torch DCP's CheckpointException carries each rank's (exception, traceback).
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, Mapping):
+            todo += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
+    try:
+        return shutil.disk_usage(where).free < _FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
 def _as_dict(config: Any) -> dict[str, Any] | None:
     if config is None:
         return None
@@ -116,14 +174,13 @@ def _as_dict(config: Any) -> dict[str, Any] | None:
 def _tokenizer_hash(tokenizer_dir: str | Path | None) -> str | None:
     """:func:`rlp.tokenizer.tokenizer_hash` of a local tokenizer directory; None for anything
     else (a hub name is not hashed: it would need the network)."""
-    from rlp.model.convert import TOKENIZER_FILES
+    from rlp.model.hf_files import has_tokenizer_files
 
-    path = Path(tokenizer_dir) if tokenizer_dir else None
-    if path is None or not any((path / name).is_file() for name in TOKENIZER_FILES[:8]):
+    if not has_tokenizer_files(tokenizer_dir):
         return None
     from rlp.tokenizer import tokenizer_hash
 
-    return tokenizer_hash(path)
+    return tokenizer_hash(Path(tokenizer_dir))  # type: ignore[arg-type]
 
 
 def _ema_tensors(ema: Any, ema_state: Any) -> Any:
@@ -156,9 +213,12 @@ class CheckpointManager:
     # ------------------------------------------------------------------ finding checkpoints
 
     def prepare_for_signals(self) -> None:
-        """Start the checkpoint writer's helper process so a SIGTERM cannot kill it before the
-        save that the signal asks for (``sharded.start_checkpoint_writer_service``)."""
-        sharded.start_checkpoint_writer_service()
+        """Start the checkpoint writer's helper process now, so a SIGTERM cannot kill it before
+        the save that the signal asks for (:func:`rlp.model.writer_processes.start_writer_service`;
+        the helper still dies with this process)."""
+        from rlp.model import writer_processes
+
+        writer_processes.start_writer_service()
 
     def should_save(self, step: int) -> bool:
         """True every ``save_every`` steps (never at step 0; the end of a run is the caller's)."""
@@ -215,13 +275,57 @@ class CheckpointManager:
         """
         final = self.root / sharded.step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        try:
+            self._write(
+                tmp,
+                final,
+                step,
+                model=model,
+                optimizer=optimizer,
+                ema_state=_ema_tensors(ema, ema_state),
+                train_state=train_state,
+                rng_state=rng_state,
+                config=config,
+                tokenizer_dir=tokenizer_dir,
+                vocab_size=vocab_size,
+                tokenizer_hash=tokenizer_hash,
+            )
+        except BaseException as err:  # torch DCP's CheckpointException is a BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)) or not _is_disk_full(
+                err, self.root
+            ):
+                raise
+            if dist.is_rank0():
+                shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+            previous = self.latest_path()
+            kept = f"{previous} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"no space left on {self.root}: checkpoint step {step} was not written "
+                f"({kept}); free space or set checkpoint.dir to a larger disk"
+            ) from None
+        return final
+
+    def _write(
+        self,
+        tmp: Path,
+        final: Path,
+        step: int,
+        *,
+        model: torch.nn.Module,
+        optimizer: Any,
+        ema_state: Any,
+        train_state: Mapping[str, Any] | None,
+        rng_state: Mapping[str, Any] | None,
+        config: Any,
+        tokenizer_dir: str | Path | None,
+        vocab_size: int | None,
+        tokenizer_hash: str | None,
+    ) -> None:
         if dist.is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / RANK_STATE_DIR).mkdir(parents=True)
         dist.barrier()
-        contents = sharded.save_state(
-            tmp, model=model, optimizer=optimizer, ema_state=_ema_tensors(ema, ema_state)
-        )
+        contents = sharded.save_state(tmp, model=model, optimizer=optimizer, ema_state=ema_state)
         layout = sharded.parallel_layout()
         rank = torch.distributed.get_rank()
         rank_file = {
@@ -231,8 +335,9 @@ class CheckpointManager:
             "rng": _encode(dict(rng_state) if rng_state is not None else capture_rng()),
             "megatron_rng": sharded.rng_tracker_states(),
         }
-        torch.save(rank_file, tmp / RANK_STATE_DIR / f"rank_{rank:05d}.pt")
+        _write_bytes(tmp / RANK_STATE_DIR / f"rank_{rank:05d}.pt", _torch_bytes(rank_file))
         dist.barrier()  # every rank's shards and rank file are on disk
+        claimed = sharded.gather_rank_file_sizes(tmp)
         if dist.is_rank0():
             cfg = _as_dict(config)
             (tmp / TRAIN_STATE_FILE).write_text(
@@ -241,7 +346,7 @@ class CheckpointManager:
             if cfg is not None:
                 (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False, width=100))
             if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-                from rlp.model.convert import copy_tokenizer_files
+                from rlp.model.hf_files import copy_tokenizer_files
 
                 copy_tokenizer_files(tokenizer_dir, tmp / sharded.TOKENIZER_SUBDIR)
                 tokenizer_hash = tokenizer_hash or _tokenizer_hash(tokenizer_dir)
@@ -254,9 +359,9 @@ class CheckpointManager:
                 vocab_size=vocab_size,
                 tokenizer_hash=tokenizer_hash,
             )
+            sharded.write_file_list(tmp, claimed)
             self._publish(tmp, final, meta)
         dist.barrier()
-        return final
 
     def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
         """Rank 0, all files written: marker + rename, then ``latest``, then retention."""
@@ -290,9 +395,32 @@ class CheckpointManager:
     # ------------------------------------------------------------------ loading
 
     def load_latest(self, **kwargs: Any) -> LoadedCheckpoint | None:
-        """:meth:`load` the newest complete checkpoint; None when there is none."""
-        path = self.latest_path()
-        return None if path is None else self.load(path, **kwargs)
+        """Collective: :meth:`load` the newest intact checkpoint; None when there is none.
+
+        A complete checkpoint whose files do not match its ``files.json`` (a shard or rank file
+        missing or truncated, e.g. by a failing disk or a copy) is skipped with a warning that
+        names it; the next older one is tried. When every checkpoint is damaged this raises
+        :class:`DamagedCheckpointError` naming them.
+        """
+        damaged: list[str] = []
+        for _, path in reversed(self.checkpoints()):
+            problem = _agreed_problem(path)
+            if problem is None:
+                loaded = self._load(path, verified=True, **kwargs)
+                loaded.skipped = tuple(damaged)
+                return loaded
+            damaged.append(problem)
+            if dist.is_rank0():
+                warnings.warn(
+                    f"{problem}; skipping it and resuming from an older checkpoint", stacklevel=2
+                )
+        if damaged:
+            names = ", ".join(p.name for _, p in reversed(self.checkpoints()))
+            raise DamagedCheckpointError(
+                f"every checkpoint under {self.root} is damaged ({names}; first: {damaged[0]}); "
+                "move them away to start over, or set checkpoint.resume=never"
+            )
+        return None
 
     def load(
         self,
@@ -313,7 +441,29 @@ class CheckpointManager:
         Megatron's TP RNG streams are restored here when the layout is unchanged; the trainer
         restores ``rng_state`` (python/numpy/torch) itself.
         """
-        path = sharded.resolve_checkpoint(path)
+        return self._load(
+            sharded.resolve_checkpoint(path),
+            verified=False,
+            model=model,
+            optimizer=optimizer,
+            ema=ema,
+            ema_state=ema_state,
+            config=config,
+            tokenizer_hash=tokenizer_hash,
+        )
+
+    def _load(
+        self,
+        path: Path,
+        *,
+        verified: bool,
+        model: torch.nn.Module,
+        optimizer: Any = None,
+        ema: Any = None,
+        ema_state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | None = None,
+        config: Any = None,
+        tokenizer_hash: str | None = None,
+    ) -> LoadedCheckpoint:
         meta = sharded.read_metadata(path)
         cfg = _as_dict(config)
         if tokenizer_hash is None and cfg is not None:
@@ -333,6 +483,7 @@ class CheckpointManager:
             optimizer=optimizer,
             ema_state=ema_state,
             tokenizer_hash=tokenizer_hash,
+            verify=not verified,
         )
         return self._load_rank_state(path, meta)
 
@@ -353,7 +504,7 @@ class CheckpointManager:
         file = path / RANK_STATE_DIR / f"rank_{source:05d}.pt"
         if not file.is_file():
             raise CheckpointError(f"{path} is missing per-rank state {file.name}")
-        raw = torch.load(file, map_location="cpu", weights_only=True)
+        raw = _read_rank_state(file)
         if same:
             sharded.set_rng_tracker_states(raw["megatron_rng"])
         elif rank == 0:
@@ -384,7 +535,7 @@ class CheckpointManager:
         """
         src = Path(source)
         if (src / "config.json").is_file() and not sharded.is_complete(src):
-            from rlp.model.convert import load_hf_into_model
+            from rlp.model.hf_bridge import load_hf_into_model
 
             load_hf_into_model(model, src)
             return None
@@ -393,6 +544,49 @@ class CheckpointManager:
         return sharded.load_checkpoint(
             sharded.resolve_checkpoint(src), model=model, tokenizer_hash=tok
         )
+
+
+def _read_rank_state(file: Path) -> dict[str, Any]:
+    """A rank state file, unpickled with torch's allow-list (``weights_only=True``: tensors and
+    plain data, never code); anything else is refused with one line."""
+    import pickle
+
+    try:
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is many lines; its first names the offending global.
+        reason = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln), "not plain data")
+        raise UnsafeCheckpointError(
+            f"refusing to load {file}: it holds objects other than tensors and plain data "
+            f"({reason.strip()}); load only trusted checkpoints"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise DamagedCheckpointError(f"{file} is damaged: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not {"train_state", "rng", "megatron_rng"} <= set(raw):
+        raise DamagedCheckpointError(f"{file} is damaged: not an rlp rank state")
+    return raw
+
+
+def _agreed_problem(path: Path) -> str | None:
+    """Collective: why ``path`` is damaged (None when intact) as every rank agrees: a checkpoint
+    damaged on any rank's view is damaged on all, so they fall back together."""
+    try:
+        sharded.read_metadata(path)
+        sharded.verify_checkpoint(path)
+        problem = None
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as e:
+        problem = str(e)
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return problem
+    flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32)
+    if torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() and problem is None:
+        problem = f"checkpoint {path} is damaged as another rank sees it"
+    return problem
 
 
 class SignalFlag:

@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import textwrap
 import types
@@ -57,6 +58,13 @@ class RunConfig:
     """Where to run: ``auto`` picks CUDA when available."""
     deterministic: bool = False
     """Request deterministic kernels (slower on GPU; CPU runs are deterministic anyway)."""
+    overwrite: bool = False
+    """With ``checkpoint.resume: never`` in a directory that holds a run: move that run's records
+    and checkpoints into ``output_dir/replaced_<time>/`` and start again (false refuses)."""
+    threads: int | None = None
+    """CPU threads per process for torch's kernels (``torch.set_num_threads``); ``null`` keeps
+    ``OMP_NUM_THREADS`` / torch's default. Small models on a few shared cores run faster with 1
+    (no spin-waiting threads when processes share cores); larger models profit from more."""
 
 
 @dataclass
@@ -78,11 +86,15 @@ class ModelConfig:
     kv_channels: int | None = None
     """Per-head dimension; ``null`` means hidden_size / num_attention_heads."""
     vocab_size: int | None = None
-    """Vocabulary size before TP padding; ``null`` takes it from the tokenizer."""
+    """Output/embedding rows before TP padding; ``null`` = the tokenizer's size (with
+    ``<think>``/``</think>``). Set it to a checkpoint's row count when that exceeds the tokenizer
+    (Qwen3: 151,936): every row then takes part in the softmax, as in the HF model. Must be at
+    least the tokenizer's size."""
     make_vocab_size_divisible_by: int = 64
     """Pad the embedding rows to a multiple of this times ``tp_size``."""
-    max_position_embeddings: int = 4096
-    """Longest sequence (prompt + thought + target) the model is used with."""
+    max_position_embeddings: int = 8192
+    """Longest sequence the model is used with: system prompt + data.max_prefix_tokens + <think> +
+    rollout.max_thought_tokens + </think> + separator + reward.target_tokens must fit."""
     rotary_base: float = 10000.0
     """RoPE base frequency (Qwen3 uses 1e6, SmolLM2 1e5)."""
     norm_epsilon: float = 1e-5
@@ -99,8 +111,9 @@ class ModelConfig:
     """Layer spec: ``auto`` uses transformer-engine only when it imports and CUDA is present."""
     attention_backend: Literal["sdpa", "unfused"] = "sdpa"
     """Core attention for the local spec: torch SDPA (no s x s scores on GPU) or Megatron's."""
-    recompute_activations: bool = False
-    """Full activation recomputation (GPU memory saver; unsupported on CPU)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute in the loss pass: ``selective`` recomputes core attention, ``full``
+    every transformer layer (megatron ``recompute_granularity``, uniform, one layer per chunk)."""
 
 
 @dataclass
@@ -140,9 +153,15 @@ class DataConfig:
     """Training stream: shards, splitting, contexts for RLP and packed NTP batches."""
 
     shards: str = "data/demo/shards/demo-{000000..000003}.tar"
-    """Shard URLs: path, glob, brace pattern, ``file://`` URL or ``pipe:`` command; comma list."""
+    """Shard URLs (docs/data.md): path, glob, brace pattern, ``file://``, ``http(s)://``,
+    ``s3://``/``gs://`` (fsspec or gsutil), or ``pipe:`` command; comma-separated list."""
     manifest: str | None = None
-    """manifest.json of the shard set; ``null`` looks next to the first shard."""
+    """manifest.json of the shard set (path or URL); ``null`` looks next to the first shard."""
+    format: Literal["auto", "tokens", "text"] = "auto"
+    """Samples: pre-tokenised (``.npy``), text (``.txt`` or a ``.json``/``.jsonl`` field, tokenised
+    on the fly), or ``auto`` (the manifest says; without one, per sample)."""
+    text_key: str = "text"
+    """Field of ``.json``/``.jsonl`` members that holds a text sample's text."""
     build_demo_if_missing: bool = False
     """Build the bundled demo corpus (shards + tokenizer) when the shards do not exist."""
     num_workers: int = 0
@@ -186,7 +205,24 @@ class RolloutConfig:
     top_k: int = 0
     """Top-k sampling; 0 disables."""
     sample_batch_size: int = 64
-    """Thoughts decoded together (a multiple of num_thoughts keeps prefixes shared)."""
+    """Reference engine: thoughts decoded together (a multiple of num_thoughts keeps prefixes
+    shared). The cascade engine decodes all of a DP rank's thoughts together."""
+    engine: Literal["cascade", "reference"] = "cascade"
+    """Rollout engine (docs/rollout.md): ``cascade`` = one ragged batch, each prefix's KV stored
+    and read once per group, CUDA-graph decode steps; ``reference`` = the bucketed KV-cache
+    sampler. ``cascade`` falls back to ``reference`` (logged) for a model whose core attention
+    is not SDPA (model.attention_backend=unfused, transformer-engine spec)."""
+    check_every: int = 16
+    """Cascade engine: decode steps between host checks for finished rows (one sync each)."""
+    kv_block: int = 128
+    """Cascade engine: thought KV grows in blocks of this many tokens."""
+    cuda_graphs: bool = True
+    """Cascade engine: capture the decode step as a CUDA graph on GPU (no effect on CPU)."""
+    prefill_tokens: int = 16384
+    """Cascade engine: padded prompt tokens per prefill forward."""
+    offload: bool = False
+    """Free the optimizer state and gradient buffers from the GPU while thoughts are generated
+    (moved to host memory and back every step)."""
     use_system_prompt: bool = True
     """Prepend the system prompt before the document prefix."""
     system_prompt: str = PAPER_SYSTEM_PROMPT
@@ -197,6 +233,15 @@ class RolloutConfig:
     """Text between ``</think>`` and the target token x_t (paper: none)."""
     logprob_consistency_alert: float = 1.05
     """Warn when mean exp(|sampled - recomputed logp|) of thought tokens exceeds this."""
+    logprob_temperature: Literal["sampling", "raw"] = "sampling"
+    """Policy log-probs in the ratio and the policy gradient, recorded and recomputed alike:
+    ``sampling`` = log_softmax(logits / rollout.temperature) over the full vocabulary (the
+    sampling distribution without top-k/top-p; TRL, the paper's stack), ``raw`` = temperature 1.
+    The reward's S_pred and S_ema are always raw."""
+    eos_in_thought: Literal["close", "drop"] = "close"
+    """A thought that stops on EOS: ``close`` replaces the EOS by ``</think>`` (which, like the one
+    appended at the cap, conditions the target but gets no gradient); ``drop`` excludes the
+    thought from the loss and from its group's baseline."""
 
 
 @dataclass
@@ -235,8 +280,9 @@ class ObjectiveConfig:
     """Token-level KL to the EMA model on thought tokens (paper: 0)."""
     ppo_epochs: int = 1
     """Optimizer passes over each rollout batch (1 = on-policy, ratio == 1)."""
-    thought_micro_batch: int = 16
-    """Thoughts per forward/backward micro-batch (gradient accumulation)."""
+    max_tokens_per_micro_batch: int = 16384
+    """Token budget of one forward/backward micro-batch (scoring, the loss and NTP): a context's
+    prompt with as many of its thoughts as fit, several contexts per packed row when small."""
     ntp_weight: float = 0.0
     """Weight of the interleaved next-token loss (paper method: 0)."""
     ntp_every: int = 1
@@ -250,7 +296,9 @@ class EMAConfig:
     enabled: bool = True
     """Keep the EMA teacher; ``false`` scores S_ema with the policy (logged only, no copy)."""
     decay: float = 0.999
-    """tau in phi <- tau * phi + (1 - tau) * theta, after every optimizer step."""
+    """tau in phi <- tau * phi + (1 - tau) * theta, after every applied optimizer step."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Storage dtype of phi whatever the parameter dtype (a bf16 shadow would never move)."""
 
 
 @dataclass
@@ -299,14 +347,33 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    """Intrinsic evaluation during training (held-out perplexity and information gain)."""
+    """Held-out evaluation during training: NTP loss, thought benefit, information gain."""
 
     every: int = 0
-    """Evaluate every N steps; 0 disables."""
+    """Evaluate every N steps, before the first step and after the last; 0 disables."""
     shards: str | None = None
     """Held-out shard URLs; ``null`` disables."""
     num_documents: int = 32
     """Held-out documents per evaluation."""
+    sample_seed: int | None = None
+    """Seed for sampling thoughts on held-out contexts; ``null`` = a fixed seed. The documents and
+    target positions are fixed regardless."""
+    ntp_seq_len: int | None = None
+    """Length of the packed held-out NTP sequences; ``null`` = ``data.ntp_seq_len``."""
+
+
+@dataclass
+class BenefitConfig:
+    """Thought benefit with the same weights: does a thought beat no thought and a filler?"""
+
+    per_step: bool = False
+    """Log ``thought/benefit``, ``thought/filler_benefit``, ... for each training step's contexts
+    (one extra no-thought and one filler scoring per context)."""
+    heldout: bool = True
+    """Compute the same metrics on the held-out contexts in every evaluation (``eval.every``)."""
+    filler: str = "."
+    """Text whose token ids, repeated to the thoughts' mean length, replace the thought in the
+    filler control (content-free: more tokens, no information)."""
 
 
 @dataclass
@@ -324,9 +391,11 @@ class LogConfig:
     wandb_entity: str | None = None
     """wandb entity (team); ``null`` uses the default."""
     samples_every: int = 10
-    """Log a table of samples (prefix tail, thought, target, reward) every N steps; 0 = never."""
+    """Log samples (text, token ids, S_pred, S_ema, reward, advantage) every N steps; 0 = never."""
     num_samples: int = 4
     """Rows in the sample table."""
+    all_samples: bool = False
+    """Log every thought of a sample step (all contexts x num_thoughts rows) to samples.jsonl."""
 
 
 @dataclass
@@ -345,6 +414,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    benefit: BenefitConfig = field(default_factory=BenefitConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -586,7 +656,10 @@ def validate(cfg: Config) -> None:
         "rollout.contexts_per_step": r.contexts_per_step,
         "rollout.max_thought_tokens": r.max_thought_tokens,
         "rollout.sample_batch_size": r.sample_batch_size,
-        "objective.thought_micro_batch": o.thought_micro_batch,
+        "rollout.check_every": r.check_every,
+        "rollout.kv_block": r.kv_block,
+        "rollout.prefill_tokens": r.prefill_tokens,
+        "objective.max_tokens_per_micro_batch": o.max_tokens_per_micro_batch,
         "objective.ppo_epochs": o.ppo_epochs,
         "objective.ntp_every": o.ntp_every,
         "reward.target_tokens": cfg.reward.target_tokens,
@@ -594,9 +667,12 @@ def validate(cfg: Config) -> None:
         "data.ntp_seq_len": cfg.data.ntp_seq_len,
         "log.every": cfg.log.every,
     }
+    if cfg.run.threads is not None:
+        positive["run.threads"] = cfg.run.threads
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    _check_values(cfg)
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
             f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
@@ -651,14 +727,136 @@ def validate(cfg: Config) -> None:
             f"ema.enabled=false but reward.baseline_mode={cfg.reward.baseline_mode} / "
             "reward.reward_clip / objective.kl_coef need the EMA model; set ema.enabled=true"
         )
+    if not cfg.data.text_key:
+        raise ConfigError("data.text_key must name a JSON field, got an empty string")
     if cfg.data.min_prefix_tokens < 1 or cfg.data.max_prefix_tokens < cfg.data.min_prefix_tokens:
         raise ConfigError("data.min_prefix_tokens must be >= 1 and <= data.max_prefix_tokens")
     if cfg.eval.every and not cfg.eval.shards:
         raise ConfigError(
             "eval.every > 0 needs eval.shards (held-out shard URLs); or set eval.every=0"
         )
+    if cfg.eval.ntp_seq_len is not None and not (
+        1 <= cfg.eval.ntp_seq_len <= cfg.model.max_position_embeddings
+    ):
+        raise ConfigError(
+            f"eval.ntp_seq_len={cfg.eval.ntp_seq_len} must be in [1, "
+            f"model.max_position_embeddings={cfg.model.max_position_embeddings}]"
+        )
+    if not cfg.benefit.filler:
+        raise ConfigError("benefit.filler must be a non-empty text (e.g. '.')")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1")
+    if m.vocab_size is not None and m.vocab_size < 1:
+        raise ConfigError(f"model.vocab_size must be >= 1 or null, got {m.vocab_size}")
+    # The system prompt and separator lengths need the tokenizer; the trainer checks them again.
+    check_sequence_budget(cfg)
+
+
+def sequence_budget(cfg: Config, system_tokens: int = 0, separator_tokens: int = 0) -> int:
+    """Positions of the longest sequence a run scores: system prompt + data.max_prefix_tokens +
+    ``<think>`` + rollout.max_thought_tokens + ``</think>`` + separator + reward.target_tokens."""
+    return (
+        system_tokens
+        + cfg.data.max_prefix_tokens
+        + 1
+        + cfg.rollout.max_thought_tokens
+        + 1
+        + separator_tokens
+        + cfg.reward.target_tokens
+    )
+
+
+def check_sequence_budget(cfg: Config, system_tokens: int = 0, separator_tokens: int = 0) -> None:
+    """Raise :class:`ConfigError` when the longest sequence (:func:`sequence_budget`) exceeds
+    ``model.max_position_embeddings`` or ``objective.max_tokens_per_micro_batch``, or when NTP
+    rows exceed the positions. Token counts of the system prompt and separator are 0 at config
+    time (unknown without the tokenizer)."""
+    need = sequence_budget(cfg, system_tokens, separator_tokens)
+    parts = (
+        f"system prompt {system_tokens} tokens + data.max_prefix_tokens="
+        f"{cfg.data.max_prefix_tokens} + <think> + rollout.max_thought_tokens="
+        f"{cfg.rollout.max_thought_tokens} + </think> + separator {separator_tokens} tokens + "
+        f"reward.target_tokens={cfg.reward.target_tokens}"
+    )
+    positions = cfg.model.max_position_embeddings
+    if need > positions:
+        raise ConfigError(
+            f"the longest scored sequence needs {need} positions ({parts}) but "
+            f"model.max_position_embeddings={positions}; lower data.max_prefix_tokens or "
+            "rollout.max_thought_tokens, or raise model.max_position_embeddings"
+        )
+    budget = cfg.objective.max_tokens_per_micro_batch
+    if need > budget:
+        raise ConfigError(
+            f"objective.max_tokens_per_micro_batch={budget} is smaller than the longest scored "
+            f"sequence, {need} tokens ({parts}); raise it or lower data.max_prefix_tokens or "
+            "rollout.max_thought_tokens"
+        )
+    if cfg.data.ntp_seq_len > positions:
+        raise ConfigError(
+            f"data.ntp_seq_len={cfg.data.ntp_seq_len} exceeds model.max_position_embeddings="
+            f"{positions}; lower data.ntp_seq_len"
+        )
+
+
+def _check_values(cfg: Config) -> None:
+    """Value ranges of single keys: every number finite, counts and rates in range."""
+    for section in SECTIONS:
+        sub = getattr(cfg, section)
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
+    m, o, opt, r, d = cfg.model, cfg.objective, cfg.optim, cfg.reward, cfg.data
+    at_least = {
+        0: {
+            "optim.lr": opt.lr,
+            "optim.min_lr": opt.min_lr,
+            "optim.weight_decay": opt.weight_decay,
+            "optim.clip_grad": opt.clip_grad,
+            "optim.warmup_steps": opt.warmup_steps,
+            "objective.kl_coef": o.kl_coef,
+            "rollout.top_k": cfg.rollout.top_k,
+            "data.num_workers": d.num_workers,
+            "data.shuffle_buffer": d.shuffle_buffer,
+            "checkpoint.save_every": cfg.checkpoint.save_every,
+            "eval.every": cfg.eval.every,
+            "log.samples_every": cfg.log.samples_every,
+            "log.num_samples": cfg.log.num_samples,
+        },
+        1: {
+            "model.ffn_hidden_size": m.ffn_hidden_size,
+            "model.max_position_embeddings": m.max_position_embeddings,
+            "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+            "data.ntp_batch_size": d.ntp_batch_size,
+            "optim.max_bad_steps": opt.max_bad_steps,
+            "eval.num_documents": cfg.eval.num_documents,
+            "parallel.timeout_minutes": cfg.parallel.timeout_minutes,
+        },
+    }
+    for low, values in at_least.items():
+        for key, value in values.items():
+            if value < low:
+                raise ConfigError(f"{key} must be >= {low}, got {value}")
+    above_zero = {
+        "optim.eps": opt.eps,
+        "model.rotary_base": m.rotary_base,
+        "model.norm_epsilon": m.norm_epsilon,
+        "model.init_method_std": m.init_method_std,
+        "reward.reward_clip": r.reward_clip,
+        "reward.advantage_clip": r.advantage_clip,
+    }
+    for key, value in above_zero.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    for key, value in (("optim.beta1", opt.beta1), ("optim.beta2", opt.beta2)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if not 0 < r.span_discount <= 1:
+        raise ConfigError(f"reward.span_discount must be in (0, 1], got {r.span_discount}")
+    for key, value in (("model.kv_channels", m.kv_channels), ("model.vocab_size", m.vocab_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1 or null, got {value}")
 
 
 def needs_ema(cfg: Config) -> bool:
@@ -714,11 +912,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
-        loaded = yaml.safe_load(path.read_text())
-        raw = loaded or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = read_yaml_mapping(path)
     return from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; :class:`ConfigError` (naming the file and,
+    for a syntax error, the line) for an unreadable, empty, malformed or non-mapping file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read config file {path}: {reason}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        context_mark = getattr(exc, "context_mark", None)
+        if context and context_mark is not None:
+            context += f" that started at line {context_mark.line + 1}"
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError(f"{where}: YAML syntax error: {detail}") from None
+    if loaded is None:
+        raise ConfigError(
+            f"config file {path} is empty; give at least one section (see `rlp config "
+            "--reference`), or leave out --config for the default"
+        )
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{path}: top level must be a mapping of sections (run:, model:, ...), got "
+            f"{type(loaded).__name__}"
+        )
+    return loaded
 
 
 def to_yaml(cfg: Config) -> str:

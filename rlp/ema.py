@@ -15,10 +15,13 @@ phi has the policy's sharding for free, and data-parallel replicas stay identica
 
 Scoring S_ema without a second model: :meth:`EMA.swap_into` temporarily puts phi into the live
 model's parameters for a forward pass and restores theta afterwards (also on exceptions); see its
-docstring for the memory trade-off. phi may be held in fp32 while the model is bf16
-(``dtype=torch.float32``): at tau = 0.999 the per-step increment (1 - tau)(theta - phi) is
-usually far below bf16's 2^-8 relative resolution, so a bf16 shadow would round it away and never
-move.
+docstring for the memory trade-off.
+
+Precision: phi is always held in fp32 (``ema.dtype``; float64 allowed, nothing narrower), whatever
+the parameter dtype, and cast into bf16 parameters for scoring. At tau = 0.999 the per-step
+increment (1 - tau)(theta - phi) is usually far below bf16's 2^-8 relative resolution, so a bf16
+shadow would round it away and never move (only 2-3% of its elements ever change). The trainer
+skips the update on a skipped (non-finite) optimizer step.
 
 Under the paper's advantage (Eq. 7) S_ema cancels and phi does not affect the gradient; the EMA is
 then needed only for logging the information gain, or for ``baseline_mode``/``reward_clip``/KL
@@ -39,9 +42,14 @@ from rlp.config import EMAConfig
 class EMA:
     """Exponential moving average of a list of parameter tensors (lazy-initialised, shard-local)."""
 
-    def __init__(self, decay: float = 0.999, dtype: torch.dtype | None = None) -> None:
-        """``dtype``: storage dtype of phi (``None`` = each policy tensor's own dtype)."""
+    def __init__(self, decay: float = 0.999, dtype: torch.dtype = torch.float32) -> None:
+        """``dtype``: storage dtype of phi, float32 or float64 (narrower would freeze it)."""
         _check_decay(decay)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"EMA dtype must be torch.float32 or torch.float64, got {dtype}: at decay 0.999 a "
+                "narrower shadow rounds every update away"
+            )
         self.decay = decay
         self.dtype = dtype
         self.params: list[torch.Tensor] = []
@@ -49,13 +57,14 @@ class EMA:
         self._swapped = False
 
     @classmethod
-    def from_config(cls, cfg: EMAConfig, dtype: torch.dtype | None = None) -> EMA:
-        return cls(decay=cfg.decay, dtype=dtype)
+    def from_config(cls, cfg: EMAConfig) -> EMA:
+        """``ema.decay`` and ``ema.dtype``."""
+        return cls(decay=cfg.decay, dtype=getattr(torch, cfg.dtype))
 
     @torch.no_grad()
     def initialize(self, policy_params: Sequence[torch.Tensor]) -> None:
         """phi <- theta (Alg. 1 line 4): detached copies, on theta's device, in ``self.dtype``."""
-        self.params = [p.detach().to(dtype=self.dtype or p.dtype, copy=True) for p in policy_params]
+        self.params = [p.detach().to(dtype=self.dtype, copy=True) for p in policy_params]
         self.initialized = True
 
     @torch.no_grad()

@@ -164,7 +164,8 @@ class MetricsLogger:
         return " | ".join(parts)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
-        """A table of samples (prefix tail, thought, target, reward): JSONL file + wandb table."""
+        """Samples (text, token ids, scores) to ``samples.jsonl``; their scalar and text columns
+        also as a wandb table."""
         if not self.enabled or not rows:
             return
         with open(self.run_dir / "samples.jsonl", "a") as f:
@@ -173,7 +174,7 @@ class MetricsLogger:
         if self._wandb_run is not None:
             import wandb
 
-            columns = list(rows[0])
+            columns = [c for c, v in rows[0].items() if isinstance(v, (str, int, float))]
             table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
             self._wandb_run.log({"samples": table}, step=step)
 

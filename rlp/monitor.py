@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from rlp.options import parse
+
 STATUS_METRICS = (
     "loss/total",
     "loss/rl",
@@ -120,7 +122,7 @@ def status_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="rlp status", description="Progress of an rlp run.")
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--json", action="store_true", help="machine-readable output")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     run_dir = args.run_dir
     if not run_dir.is_dir():
         print(

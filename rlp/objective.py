@@ -28,6 +28,15 @@ reports N in its metrics.
 Optional next-token loss (the paper's method has none; its introduction mentions interleaving):
 :func:`ntp_loss` returns (sum of token NLLs, token count) and :func:`combine_losses` mixes it in
 with ``ntp_weight`` every ``ntp_every`` steps.
+
+The loss that is backpropagated is :func:`combine_losses`' value, nothing else (the trainer applies
+no weight of its own): for the whole step
+
+    L_total = rl_weight * (1/N) sum_i L_i  +  ntp_weight * (1/T) sum_tokens NLL    (active terms)
+
+and, under gradient accumulation, each micro-batch backpropagates
+``combine_losses(its sum_i L_i / N, its NLL sum / T, partial=True)`` with the step's global N and
+T, so the accumulated gradient is exactly that of L_total (linearity).
 """
 
 from __future__ import annotations
@@ -253,26 +262,34 @@ def combine_losses(
     ntp: torch.Tensor | None,  # 0-d normalised NTP loss (or None when not computed)
     cfg: ObjectiveConfig,
     step: int,
+    *,
+    partial: bool = False,
 ) -> torch.Tensor:  # 0-d
-    """``rl_weight * rl + ntp_weight * ntp`` with each term present only when active.
+    """``rl_weight * rl + ntp_weight * ntp`` with each term present only when active: the value
+    the trainer backpropagates (and logs as ``loss/total``).
 
     An inactive term is left out of the graph entirely rather than multiplied by 0, so with
     ``rl_weight = 0`` the result is exactly ``ntp_weight * ntp`` (plain continued pretraining; a
-    NaN in an unused RL value cannot leak in). An NTP value passed on a step where NTP is inactive
-    is ignored (the trainer may compute it for logging).
+    NaN in an unused RL value cannot leak in). A value passed for a term that is inactive at
+    ``step`` is ignored (the trainer may compute it for logging).
+
+    ``partial=True``: one micro-batch's share under gradient accumulation (module doc): an active
+    term may be missing (it lives in another micro-batch); at least one term must be present.
     """
     terms: list[torch.Tensor] = []
     if rl_active(cfg):
-        if rl is None:
+        if rl is None and not partial:
             raise ValueError("objective.rl_weight > 0 but no RL loss was given")
-        terms.append(rl if cfg.rl_weight == 1.0 else cfg.rl_weight * rl)
+        if rl is not None:
+            terms.append(rl if cfg.rl_weight == 1.0 else cfg.rl_weight * rl)
     if ntp_active(cfg, step):
-        if ntp is None:
+        if ntp is None and not partial:
             raise ValueError(f"the NTP loss is active at step {step} but none was given")
-        terms.append(ntp if cfg.ntp_weight == 1.0 else cfg.ntp_weight * ntp)
+        if ntp is not None:
+            terms.append(ntp if cfg.ntp_weight == 1.0 else cfg.ntp_weight * ntp)
     if not terms:
         raise ValueError(
-            f"no loss term is active at step {step} (objective.rl_weight={cfg.rl_weight}, "
-            f"ntp_weight={cfg.ntp_weight}, ntp_every={cfg.ntp_every})"
+            f"no loss term is both active and given at step {step} (objective.rl_weight="
+            f"{cfg.rl_weight}, ntp_weight={cfg.ntp_weight}, ntp_every={cfg.ntp_every})"
         )
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]

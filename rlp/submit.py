@@ -6,12 +6,12 @@
 
 ``submit`` loads the config with the overrides, checks it against the requested job shape before
 anything reaches SLURM (world size vs ``parallel.tp_size``, TP inside a node, resume settings,
-time limit vs pre-emption signal), then renders ``rlp/slurm/rlp.sbatch`` (GPU nodes, torchrun per
-node) or ``rlp/slurm/rlp_cpu.sbatch`` (``--cpu``: one node, one srun task per rank) with its
-``#SBATCH`` header and parameter block, freezes the resolved config into
-``RUN_DIR/slurm/config.yaml`` (a requeued job runs exactly what was checked), writes
-``RUN_DIR/slurm/job.sbatch`` and calls
-``sbatch --parsable``. ``--dry-run`` prints the script and writes nothing.
+time limit vs pre-emption signal), then renders ``rlp/slurm/rlp.sbatch`` (GPU nodes, one srun task
+per GPU) or ``rlp/slurm/rlp_cpu.sbatch`` (``--cpu``: one node, one srun task per rank) with its
+``#SBATCH`` header and parameter block (both source ``rlp/slurm/rlp_job.sh``), freezes the
+resolved config into ``RUN_DIR/slurm/config.yaml`` (a requeued job runs exactly what was
+checked), writes ``RUN_DIR/slurm/job.sbatch`` and calls ``sbatch --parsable``. ``--dry-run``
+prints the script and writes nothing.
 
 This module imports no torch: it runs on login nodes.
 """
@@ -26,14 +26,17 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlp.config import Config, ConfigError, load_config, to_yaml
+from rlp.options import add_fields, build, config_parser, parse
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "slurm"
 GPU_TEMPLATE = "rlp.sbatch"
 CPU_TEMPLATE = "rlp_cpu.sbatch"
+JOB_LIBRARY = TEMPLATE_DIR / "rlp_job.sh"
+"""The job body both templates source (package data, like the templates)."""
 PARAMS_MARKER = "# @RLP_PARAMETERS@"
 REQUEUE_EXIT_CODE = 75
 """Mirrors ``rlp.trainer.REQUEUE_EXIT_CODE`` (not imported: the trainer pulls in torch)."""
@@ -56,6 +59,24 @@ class SubmitError(RuntimeError):
     """The job cannot be submitted from here (no sbatch, sbatch failed, run dir busy)."""
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""C0 and C1 control characters (newline, CR, NUL, ESC, ...), DEL and the Unicode line
+separators: none of them may reach a rendered job script, where a newline would end a
+``#SBATCH`` or comment line and start a live one."""
+
+
+def check_printable(what: str, value: str) -> None:
+    """Raise :class:`ConfigError` when ``value`` (described by ``what``) holds a control
+    character; everything rendered into a job script passes through here."""
+    found = _CONTROL_CHARS.search(value)
+    if found:
+        shown = repr(value if len(value) <= 60 else value[:57] + "...")
+        raise ConfigError(
+            f"{what} {shown} contains the control character {found.group()!r} at position "
+            f"{found.start()}; job scripts take printable text only, remove it"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Job shape and checks
 
@@ -71,7 +92,7 @@ class JobShape:
 
     @property
     def world_size(self) -> int:
-        """Trainer processes: nodes x GPUs (torchrun) or srun tasks (CPU)."""
+        """Trainer processes (srun tasks): nodes x GPUs, or --ntasks on one CPU node."""
         per_node = self.tasks_per_node if self.cpu else self.gpus_per_node
         return self.nodes * per_node
 
@@ -132,7 +153,6 @@ def check_shape(
             "parallel.backend": p.backend == "nccl",
             "parallel.sequence_parallel": p.sequence_parallel,
             "model.transformer_impl": m.transformer_impl == "transformer_engine",
-            "model.recompute_activations": m.recompute_activations,
         }
         for key, is_bad in bad.items():
             if is_bad:
@@ -172,13 +192,6 @@ def check_shape(
             f"rollout.sample_batch_size={r.sample_batch_size} is not a multiple of "
             f"rollout.num_thoughts={r.num_thoughts}: groups are split across decode batches"
         )
-    thoughts = r.contexts_per_step * r.num_thoughts
-    if thoughts % cfg.objective.thought_micro_batch:
-        warnings.append(
-            f"objective.thought_micro_batch={cfg.objective.thought_micro_batch} does not divide "
-            f"the {thoughts} thoughts per step and DP rank (rollout.contexts_per_step x "
-            "rollout.num_thoughts): the last micro-batch is short"
-        )
     if cfg.log.wandb == "online" and not os.environ.get("WANDB_API_KEY"):
         warnings.append(
             "log.wandb=online but WANDB_API_KEY is not set here (sbatch passes this shell's "
@@ -191,12 +204,12 @@ def check_shape(
 # Rendering
 
 
-def _sbatch_header(args: argparse.Namespace, cfg: Config, shape: JobShape, run_dir: Path) -> list:
+def _sbatch_header(args: SubmitOptions, cfg: Config, shape: JobShape, run_dir: Path) -> list:
     lines = [f"--job-name={args.job_name or cfg.run.name}", f"--nodes={shape.nodes}"]
     if shape.cpu:
         lines.append(f"--ntasks-per-node={shape.tasks_per_node}")
     else:
-        lines += ["--ntasks-per-node=1", f"--gres=gpu:{shape.gpus_per_node}"]
+        lines += [f"--ntasks-per-node={shape.gpus_per_node}", f"--gres=gpu:{shape.gpus_per_node}"]
     optional = {
         "--cpus-per-task": args.cpus_per_task,
         "--mem": args.mem,
@@ -221,7 +234,7 @@ def _sbatch_header(args: argparse.Namespace, cfg: Config, shape: JobShape, run_d
     return [f"#SBATCH {line}" for line in lines]
 
 
-def _parameters(args: argparse.Namespace, shape: JobShape, run_dir: Path) -> dict[str, str]:
+def _parameters(args: SubmitOptions, shape: JobShape, run_dir: Path) -> dict[str, str]:
     python = args.python or ("python3" if args.container_image else sys.executable)
     params = {
         "RLP_CONFIG": str(run_dir / "slurm" / "config.yaml"),
@@ -232,6 +245,7 @@ def _parameters(args: argparse.Namespace, shape: JobShape, run_dir: Path) -> dic
         "RLP_VENV": args.venv or "",
         "RLP_SETUP_SCRIPT": args.setup_script or "",
         "RLP_MAX_REQUEUES": str(args.max_requeues),
+        "RLP_JOB_LIB": str(JOB_LIBRARY),
     }
     if not shape.cpu:
         params["RLP_NPROC_PER_NODE"] = str(shape.gpus_per_node)
@@ -251,6 +265,13 @@ def render_script(
     marker_at = [i for i, line in enumerate(lines) if line.strip() == PARAMS_MARKER]
     if not sbatch_at or len(marker_at) != 1:
         raise SubmitError(f"template lacks #SBATCH lines or exactly one '{PARAMS_MARKER}' line")
+    # Last line of defence: no rendered value may start a line of its own.
+    for line in header:
+        check_printable("#SBATCH line", line)
+    for line in comment:
+        check_printable("comment", line)
+    for key, value in params.items():
+        check_printable(f"parameter {key}", value)
     exports = [f"export {key}={shlex.quote(value)}" for key, value in params.items()]
     out = []
     for i, line in enumerate(lines):
@@ -266,68 +287,77 @@ def render_script(
 # rlp submit
 
 
+@dataclass
+class SubmitOptions:
+    """What ``rlp submit`` asks SLURM for and how the job starts: the command's options (its flags
+    are generated from these fields; ``key=value`` words set them too)."""
+
+    nodes: int | None = None
+    """GPU nodes (default 1)."""
+    gpus_per_node: int | None = None
+    """GPUs per node = trainer ranks per node (one srun task each)."""
+    cpu: bool = False
+    """One CPU node, one srun task per rank, gloo (rlp/slurm/rlp_cpu.sbatch)."""
+    ntasks: int | None = None
+    """Ranks of a --cpu job (default parallel.tp_size x parallel.pp_size)."""
+    cpus_per_task: int | None = None
+    """CPUs per rank."""
+    mem: str | None = None
+    """Memory per node, e.g. 200G."""
+    exclusive: bool = False
+    """Whole nodes."""
+    partition: str | None = None
+    """SLURM partition."""
+    time: str | None = None
+    """Time limit, e.g. 24:00:00 (minutes, H:M:S or D-H:M:S)."""
+    account: str | None = None
+    """SLURM account."""
+    qos: str | None = None
+    """SLURM quality of service."""
+    job_name: str | None = None
+    """Job name (default: run.name)."""
+    sbatch_arg: list[str] = field(default_factory=list)
+    """Extra sbatch option, e.g. --sbatch-arg=--constraint=h100."""
+    signal_lead: int = 300
+    """Seconds before the time limit at which USR1 asks for a checkpoint and a requeue."""
+    requeue: bool = True
+    """Pre-timeout signal and requeue (--no-requeue: neither)."""
+    max_requeues: int = 20
+    """Stop requeueing after this many restarts."""
+    python: str | None = None
+    """Interpreter on the nodes (default: this one; python3 in a container)."""
+    venv: str | None = None
+    """Virtualenv to activate on the nodes."""
+    setup_script: str | None = None
+    """File sourced first on the nodes (module loads, site environment)."""
+    container_image: str | None = None
+    """Pyxis container image for the job step (GPU template)."""
+    container_mounts: str | None = None
+    """Pyxis container mounts: RUN_DIR and the data."""
+    entry: str = "rlp.cli"
+    """Module run as ``python -m ENTRY train ...``."""
+    template: str | None = None
+    """Sbatch template to render instead of the bundled one."""
+    dry_run: bool = False
+    """Print the job script; write and submit nothing."""
+
+
 def _submit_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="rlp submit",
-        description="Check a config against a SLURM job shape, render the sbatch script, submit.",
+    ap = config_parser(
+        "rlp submit",
+        "Check a config against a SLURM job shape, render the sbatch script, submit.",
+        required=True,
     )
-    ap.add_argument("--config", type=Path, required=True, help="run config YAML")
-    shape = ap.add_argument_group("job shape")
-    shape.add_argument("--nodes", type=int, default=None, help="GPU nodes (default 1)")
-    shape.add_argument("--gpus-per-node", type=int, default=None, help="GPUs (= ranks) per node")
-    shape.add_argument("--cpu", action="store_true", help="one CPU node, srun tasks, gloo")
-    shape.add_argument(
-        "--ntasks", type=int, default=None, help="ranks for --cpu (default tp_size x pp_size)"
+    add_fields(
+        ap,
+        SubmitOptions,
+        aliases={"partition": ["-p"], "time": ["-t"], "account": ["-A"], "job_name": ["-J"]},
+        metavars={"sbatch_arg": "ARG", "signal_lead": "SECONDS", "template": "FILE"},
     )
-    shape.add_argument("--cpus-per-task", type=int, default=None)
-    shape.add_argument("--mem", default=None, help="memory per node, e.g. 200G")
-    shape.add_argument("--exclusive", action="store_true", help="whole nodes")
-    sched = ap.add_argument_group("scheduling")
-    sched.add_argument("--partition", "-p", default=None)
-    sched.add_argument("--time", "-t", default=None, help="time limit, e.g. 24:00:00")
-    sched.add_argument("--account", "-A", default=None)
-    sched.add_argument("--qos", default=None)
-    sched.add_argument("--job-name", "-J", default=None, help="default: run.name")
-    sched.add_argument(
-        "--sbatch-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra sbatch option, e.g. --sbatch-arg=--constraint=h100 (repeatable)",
-    )
-    pre = ap.add_argument_group("pre-emption")
-    pre.add_argument(
-        "--signal-lead",
-        type=int,
-        default=300,
-        metavar="SECONDS",
-        help="USR1 this long before the time limit: checkpoint + requeue (default 300)",
-    )
-    pre.add_argument(
-        "--no-requeue",
-        dest="requeue",
-        action="store_false",
-        help="no pre-timeout signal, no requeue",
-    )
-    pre.add_argument("--max-requeues", type=int, default=20)
-    env = ap.add_argument_group("environment")
-    env.add_argument(
-        "--python",
-        default=None,
-        help="interpreter on the nodes (default: this one; python3 in a container)",
-    )
-    env.add_argument("--venv", default=None, help="virtualenv to activate on the nodes")
-    env.add_argument("--setup-script", default=None, help="file sourced first (module loads)")
-    env.add_argument("--container-image", default=None, help="pyxis image (GPU template)")
-    env.add_argument("--container-mounts", default=None, help="pyxis mounts: RUN_DIR, data")
-    env.add_argument("--entry", default="rlp.cli", help="module run as -m ENTRY train ...")
-    env.add_argument("--template", type=Path, default=None, help="sbatch template to render")
-    ap.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp_size=2")
     return ap
 
 
-def _shape(args: argparse.Namespace, cfg: Config) -> JobShape:
+def _shape(args: SubmitOptions, cfg: Config) -> JobShape:
     if args.cpu:
         if args.gpus_per_node is not None or args.container_image:
             raise ConfigError("--cpu takes --ntasks, not --gpus-per-node/--container-image")
@@ -340,25 +370,31 @@ def _shape(args: argparse.Namespace, cfg: Config) -> JobShape:
     return JobShape(args.nodes or 1, 1, args.gpus_per_node, False)
 
 
-def _positive(args: argparse.Namespace) -> None:
+def _positive(args: SubmitOptions) -> None:
     for flag in ("nodes", "gpus_per_node", "ntasks", "cpus_per_task", "signal_lead"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.max_requeues < 0:
         raise ConfigError(f"--max-requeues must be >= 0, got {args.max_requeues}")
+    for extra in args.sbatch_arg:
+        if not extra.startswith("-"):
+            raise ConfigError(
+                f"--sbatch-arg {extra!r} is not an sbatch option; write it as "
+                "--sbatch-arg=--constraint=h100"
+            )
 
 
-def _absolute_config(args: argparse.Namespace) -> tuple[Config, Path]:
+def _absolute_config(path: str, overrides: list[str]) -> tuple[Config, Path]:
     """Load the config; pin run.output_dir (and a relative checkpoint.dir) to absolute paths so
     the job, whatever its working directory, writes where the submitter expects."""
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(path, overrides)
     run_dir = Path(os.path.abspath(cfg.run.output_dir))
-    pinned = [*args.overrides, f"run.output_dir={run_dir}"]
-    cfg = load_config(args.config, pinned)
+    pinned = [*overrides, f"run.output_dir={run_dir}"]
+    cfg = load_config(path, pinned)
     if not os.path.isabs(cfg.checkpoint.dir):
         pinned.append(f"checkpoint.dir={os.path.abspath(cfg.checkpoint.dir)}")
-        cfg = load_config(args.config, pinned)
+        cfg = load_config(path, pinned)
     return cfg, run_dir
 
 
@@ -378,10 +414,17 @@ def _active_job(run_dir: Path) -> tuple[str, str] | None:
 def submit_main(argv: list[str]) -> int:
     """``rlp submit``; returns 0 on success, 2 for a request that cannot work, 1 when SLURM
     (or its absence) stops the submission."""
-    args = _submit_parser().parse_intermixed_args(argv)
     try:
+        for arg in argv:  # before argparse: its messages would echo the raw value
+            check_printable("argument", arg)
+    except ConfigError as err:
+        print(f"rlp submit: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        parsed = parse(_submit_parser(), argv, run_config=True)
+        args = build(SubmitOptions, parsed)
         _positive(args)
-        cfg, run_dir = _absolute_config(args)
+        cfg, run_dir = _absolute_config(parsed.config, parsed.overrides)
         shape = _shape(args, cfg)
         time_limit = parse_slurm_time(args.time) if args.time else None
         warnings = check_shape(
@@ -397,7 +440,7 @@ def submit_main(argv: list[str]) -> int:
     for text in warnings:
         print(f"rlp submit: warning: {text}", file=sys.stderr)
 
-    template = args.template or TEMPLATE_DIR / (CPU_TEMPLATE if shape.cpu else GPU_TEMPLATE)
+    template = Path(args.template or TEMPLATE_DIR / (CPU_TEMPLATE if shape.cpu else GPU_TEMPLATE))
     if not template.is_file():
         print(
             f"rlp submit: error: sbatch template {template} not found; run from a source "
@@ -424,6 +467,9 @@ def submit_main(argv: list[str]) -> int:
             _parameters(args, shape, run_dir),
             comment,
         )
+    except ConfigError as err:
+        print(f"rlp submit: error: {err}", file=sys.stderr)
+        return 2
     except SubmitError as err:
         print(f"rlp submit: error: {template}: {err}", file=sys.stderr)
         return 2
@@ -436,7 +482,7 @@ def submit_main(argv: list[str]) -> int:
     except SubmitError as err:
         print(f"rlp submit: error: {err}", file=sys.stderr)
         return 1
-    _print_submitted(job_id, summary, cfg, run_dir, shape)
+    _print_submitted(job_id, summary, cfg, run_dir)
     return 0
 
 
@@ -475,12 +521,11 @@ def _submit(script: str, cfg: Config, run_dir: Path) -> str:
     return job_id
 
 
-def _print_submitted(job_id: str, summary: str, cfg: Config, run_dir: Path, shape: JobShape):
-    rank_logs = "rank<N>.log" if shape.cpu else "node<N>.log, torchrun/node<N>/"
+def _print_submitted(job_id: str, summary: str, cfg: Config, run_dir: Path) -> None:
     print(f"Submitted job {job_id}: {summary}")
     print(f"  script       {run_dir}/slurm/job.sbatch (config frozen in slurm/config.yaml)")
     print(f"  job log      {run_dir}/logs/slurm-{job_id}.out")
-    print(f"  rank logs    {run_dir}/logs/{job_id}/attempt<K>/{rank_logs}")
+    print(f"  rank logs    {run_dir}/logs/{job_id}/attempt<K>/rank<N>.log")
     print(f"  metrics      {run_dir}/metrics.jsonl")
     print(f"  checkpoints  {cfg.checkpoint.dir}")
     print(f"  status       rlp status {run_dir}")

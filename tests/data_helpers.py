@@ -5,14 +5,22 @@
   ``<|pad|>``=1, ``<think>``=2, ``</think>``=3) trained in well under a second.
 * :func:`make_shards` - shards + manifest in the real format: from text through the real builder
   (``tokenizer=...``) or, without a tokenizer, from synthetic token documents (fast, exact lengths).
+* :func:`make_text_shards` - text shards written by the ``webdataset`` package's own
+  ``ShardWriter`` (``.txt`` members or a ``.json``/``.jsonl`` field; ``.tar`` or ``.tar.gz``).
+* :class:`ShardServer` - an HTTP server on 127.0.0.1 (a thread) serving a directory and
+  counting the requests per file; ``GET /__requests__`` returns the counts as JSON.
 * :func:`data_config` - a :class:`rlp.config.DataConfig` pointing at a shard set.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
+import http.server
 import json
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,10 +151,107 @@ def make_shards(
     return ShardSet(out, pattern, paths, manifest, docs, tokenizer)
 
 
-def data_config(shards: ShardSet | str, **overrides: Any) -> DataConfig:
+@dataclass
+class TextShards:
+    """Text shards written by webdataset's ShardWriter, and the texts they hold by key."""
+
+    dir: Path
+    pattern: str
+    paths: list[Path]
+    texts: dict[str, str]
+
+
+def make_text_shards(
+    tmp_path: Path,
+    n_docs: int,
+    *,
+    per_shard: int = 10,
+    layout: str = "txt",
+    suffix: str = ".tar",
+    seed: int = 0,
+    name: str = "text",
+    texts: list[str] | None = None,
+) -> TextShards:
+    """``n_docs`` texts (:func:`generate_texts`) as webdataset samples: ``{key}.txt``
+    (``layout="txt"``), ``{key}.json`` with a ``text`` field (``"json"``), or ``{key}.jsonl`` with
+    the text split over two lines' ``text`` fields (``"jsonl"``). Each sample also carries a
+    ``.cls`` member, as image datasets do, which readers must ignore."""
+    import webdataset
+
+    out = tmp_path / name
+    out.mkdir(parents=True)
+    texts = generate_texts(n_docs, seed) if texts is None else texts
+    by_key: dict[str, str] = {}
+    pattern = str(out / f"part-%04d{suffix}")
+    with webdataset.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
+        for i, text in enumerate(texts):
+            key = f"doc{i:05d}"
+            sample: dict[str, Any] = {"__key__": key, "cls": i % 7}
+            if layout == "txt":
+                sample["txt"] = text
+            elif layout == "json":
+                sample["json"] = {"text": text, "id": i}
+            else:
+                head, _, tail = text.partition(". ")
+                lines = [{"text": head}, {"text": tail}]
+                sample["jsonl"] = "".join(json.dumps(x) + "\n" for x in lines).encode()
+                text = f"{head}\n{tail}"
+            sink.write(sample)
+            by_key[key] = text
+    paths = sorted(out.glob(f"part-*{suffix}"))
+    brace = str(out / f"part-{{0000..{len(paths) - 1:04d}}}{suffix}")
+    return TextShards(out, brace, paths, by_key)
+
+
+class ShardServer:
+    """``with ShardServer(dir) as server:`` serves ``dir`` at ``server.url``; ``server.requests``
+    counts GETs per file name (``reset()`` clears them)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.requests: collections.Counter[str] = collections.Counter()
+        lock = threading.Lock()
+        counts = self.requests
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                name = self.path.split("?")[0].lstrip("/")
+                if name == "__requests__":
+                    with lock:
+                        body = json.dumps(dict(counts)).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                with lock:
+                    counts[name] += 1
+                super().do_GET()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        handler = functools.partial(Handler, directory=str(directory))
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def reset(self) -> None:
+        self.requests.clear()
+
+    def __enter__(self) -> ShardServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def data_config(shards: ShardSet | TextShards | str, **overrides: Any) -> DataConfig:
     """A DataConfig for ``shards`` with small, test-friendly defaults (overridable)."""
     base = DataConfig(
-        shards=shards.pattern if isinstance(shards, ShardSet) else shards,
+        shards=shards if isinstance(shards, str) else shards.pattern,
         shuffle_buffer=8,
         min_prefix_tokens=4,
         max_prefix_tokens=64,

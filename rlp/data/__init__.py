@@ -1,11 +1,16 @@
-"""Training data: token shards, the DP-aware resumable stream, RLP contexts, NTP packing.
+"""Training data: shards (pre-tokenised or text), the DP-aware resumable stream, RLP contexts.
 
-Submodules: :mod:`~rlp.data.format` (on-disk format, manifest, errors, tar reader),
-:mod:`~rlp.data.shards` (URL expansion, manifest checks, DP split, opening shards),
+Submodules: :mod:`~rlp.data.format` (on-disk format, manifest, errors),
+:mod:`~rlp.data.urls` (URL expansion and opening: local, HTTP, object stores, ``pipe:``),
+:mod:`~rlp.data.samples` (one shard's tar members as samples, strict damage checks),
+:mod:`~rlp.data.text` (text to token ids, shared by builder and stream),
+:mod:`~rlp.data.shards` (manifest lookup and checks, DP split),
 :mod:`~rlp.data.cursor` (one reader lane: shuffle buffer, exact replay), :mod:`~rlp.data.stream`
-(the DP-rank stream and its cursor), :mod:`~rlp.data.contexts` (target positions, prefixes),
-:mod:`~rlp.data.packing` (packed NTP windows). The stream (and torch) is imported lazily so that
-``rlp.data.format`` stays cheap for the shard builder.
+(the DP-rank stream and its cursor), :mod:`~rlp.data.relay` (one reader per TP group),
+:mod:`~rlp.data.contexts` (target positions, prefixes), :mod:`~rlp.data.packing` (packed NTP
+windows); offline tools :mod:`~rlp.data.builder` (``rlp data build``), :mod:`~rlp.data.indexer`
+(``rlp data manifest``) and :mod:`~rlp.data.demo` (``rlp data demo``). The stream (and torch) is
+imported lazily so that ``rlp.data.format`` stays cheap.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from rlp.data.format import (
     read_manifest,
 )
 from rlp.data.packing import SequencePacker
-from rlp.data.shards import epoch_shards, expand_shard_urls
+from rlp.data.shards import epoch_shards
+from rlp.data.urls import expand_shard_urls
 
 _LAZY = {"DocumentStream", "Document", "RLPDataStream"}
 

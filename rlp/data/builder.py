@@ -7,10 +7,16 @@
 
 Inputs: files or directories (searched recursively, sorted) of ``.txt`` (one document per file,
 or per blank-line-separated block with ``--txt-blocks``), ``.jsonl`` (``--text-field``, default
-``text``) and ``.parquet`` (needs ``pyarrow``); or ``--hf-dataset NAME [--hf-split train]`` (needs
-``datasets`` and network). Documents are tokenised in worker processes (chunks, results kept in
-input order), special-token strings inside the text are encoded as plain text, EOS is appended,
-whitespace-only documents are dropped. The output format is described in :mod:`rlp.data.format`.
+``text``) and ``.parquet`` (needs ``pyarrow``: ``pip install 'rlp[data]'``); or ``--hf-dataset NAME
+[--hf-split train]`` (needs ``datasets`` and network). Documents are tokenised in worker processes
+(chunks, results kept in input order) by the rule of :mod:`rlp.data.text` (special-token strings
+inside the text are encoded as plain text, EOS is appended, whitespace-only documents are
+dropped), the same rule the stream applies to text shards. The output format is described in
+:mod:`rlp.data.format`; shards are written with webdataset's ``TarWriter``.
+
+Huge documents: a document of more than ``--warn-doc-tokens`` tokens (default 1M) is reported (a
+300 MB ``.txt`` file is one document unless split). ``--max-doc-tokens N`` splits documents into
+consecutive pieces of at most ``N`` tokens, each its own document ending with EOS.
 
 Same inputs give byte-identical shards (fixed tar headers, no timestamps). A shard is written to
 ``NAME.tar.tmp`` and renamed when complete; ``manifest.json`` is written last, so an interrupted
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
@@ -55,10 +60,14 @@ from rlp.data.format import (
     write_atomic,
     write_manifest,
 )
+from rlp.data.text import TextEncoder, is_document
+from rlp.options import build, parse
 
 BUILDER_VERSION = "1"
 PROGRESS_NAME = ".build_progress.json"
 DEFAULT_SHARD_SIZE_MB = 256.0
+WARN_DOC_TOKENS = 1_000_000
+"""Documents longer than this are reported (``--warn-doc-tokens``)."""
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -82,6 +91,9 @@ class BuildOptions:
     hf_dataset: str | None = None
     hf_split: str = "train"
     progress: bool = True
+    max_doc_tokens: int | None = None
+    """Split documents into pieces of at most this many tokens (each ends with EOS)."""
+    warn_doc_tokens: int = WARN_DOC_TOKENS
 
 
 @dataclass
@@ -181,47 +193,31 @@ def _hf_documents(opts: BuildOptions) -> Iterator[RawDoc]:
 # ---------------------------------------------------------------------------------- tokenising
 
 
-class _Encoder:
-    """Token arrays (+ EOS) for a list of texts; special-token strings in text stay plain text."""
-
-    def __init__(self, backend_json: str, eos_id: int, dtype: str) -> None:
-        import tokenizers
-
-        self.tok = tokenizers.Tokenizer.from_str(backend_json)
-        self.tok.encode_special_tokens = True
-        self.eos, self.dtype = eos_id, np.dtype(dtype)
-
-    def __call__(self, texts: list[str]) -> list[np.ndarray]:
-        encs = self.tok.encode_batch(texts, add_special_tokens=False)
-        return [np.array([*e.ids, self.eos], dtype=self.dtype) for e in encs]
+_WORKER_ENCODER: TextEncoder | None = None
 
 
-_WORKER_ENCODER: _Encoder | None = None
-
-
-def _init_worker(backend_json: str, eos_id: int, dtype: str) -> None:
+def _init_worker(encoder: TextEncoder) -> None:
     global _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker process
-    _WORKER_ENCODER = _Encoder(backend_json, eos_id, dtype)
+    _WORKER_ENCODER = encoder
 
 
 def _tokenize_chunk(texts: list[str]) -> list[np.ndarray]:
     assert _WORKER_ENCODER is not None, "worker not initialised"
-    return _WORKER_ENCODER(texts)
+    return _WORKER_ENCODER.encode_batch(texts)
 
 
 def _tokenized(
     chunks: Iterator[list[RawDoc]], tokenizer: Any, dtype: np.dtype, workers: int
 ) -> Iterator[tuple[list[RawDoc], list[np.ndarray]]]:
     """``(docs, token arrays)`` per chunk, in input order, at most ``2 * workers`` in flight."""
-    args = (tokenizer.backend_json(), tokenizer.eos_id, dtype.str)
+    encoder = TextEncoder.for_tokenizer(tokenizer, dtype)
     if workers <= 1:
-        encode = _Encoder(*args)
         for chunk in chunks:
-            yield chunk, encode([d.text for d in chunk])
+            yield chunk, encoder.encode_batch([d.text for d in chunk])
         return
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers, _init_worker, args) as pool:
+    with ctx.Pool(workers, _init_worker, (encoder,)) as pool:
         # apply_async with a bounded window instead of imap: imap's feeder thread would read the
         # whole corpus into memory ahead of the workers.
         pending: deque = deque()
@@ -239,7 +235,7 @@ def _chunks(docs: Iterable[RawDoc], size: int, skip: int, counts: dict[str, int]
     """Non-empty documents in chunks of ``size``, after skipping the first ``skip`` of them."""
     chunk: list[RawDoc] = []
     for doc in docs:
-        if not doc.text.strip():
+        if not is_document(doc.text):
             counts["dropped_empty"] += 1
             continue
         if skip:
@@ -251,6 +247,14 @@ def _chunks(docs: Iterable[RawDoc], size: int, skip: int, counts: dict[str, int]
             chunk = []
     if chunk:
         yield chunk
+
+
+def split_document(tokens: np.ndarray, max_tokens: int | None) -> list[np.ndarray]:
+    """``tokens`` (ending with EOS) in pieces of at most ``max_tokens``, each ending with EOS."""
+    if max_tokens is None or len(tokens) <= max_tokens:
+        return [tokens]
+    body, eos, step = tokens[:-1], tokens[-1:], max_tokens - 1
+    return [np.concatenate([body[i : i + step], eos]) for i in range(0, len(body), step)]
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -267,13 +271,18 @@ def members_size(members: list[tuple[str, bytes]]) -> int:
 
 
 class ShardWriter:
-    """Writes one shard to ``NAME.tar.tmp`` with fixed headers; :meth:`finish` renames it."""
+    """Writes one shard to ``NAME.tar.tmp`` (webdataset ``TarWriter``, fixed headers: same input,
+    same bytes); :meth:`finish` renames it."""
 
     def __init__(self, out: Path, prefix: str, index: int) -> None:
+        import webdataset
+
         self.path = out / SHARD_TEMPLATE.format(prefix=prefix, index=index)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        # Closed by finish() or abort(). USTAR with zero mtime/uid/names: reproducible bytes.
-        self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed by finish() or abort()
+        self._tar = webdataset.TarWriter(
+            self._file, user="", group="", mode=0o644, mtime=0, encoder=False, compress=False
+        )
         self.num_docs = self.num_tokens = self.bytes = 0
 
     def add(self, key: str, tokens: np.ndarray, meta: dict[str, Any]) -> None:
@@ -281,11 +290,8 @@ class ShardWriter:
         self.add_members(sample_members(key, tokens, meta), len(tokens))
 
     def add_members(self, members: list[tuple[str, bytes]], num_tokens: int) -> None:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+        key = members[0][0].split(".", 1)[0]
+        self._tar.write({"__key__": key, **{n.split(".", 1)[1]: d for n, d in members}})
         self.bytes += members_size(members)
         self.num_docs += 1
         self.num_tokens += num_tokens
@@ -297,8 +303,9 @@ class ShardWriter:
 
     def finish(self) -> ShardInfo:
         self._tar.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
         os.replace(self.tmp, self.path)
         return ShardInfo(
             name=self.path.name,
@@ -310,6 +317,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._tar.close()
+        self._file.close()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -324,6 +332,7 @@ def _fingerprint(files: list[tuple[Path, str]], opts: BuildOptions, tok_hash: st
         "txt_blocks": opts.txt_blocks,
         "prefix": opts.prefix,
         "split": [opts.docs_per_shard, opts.shard_size_mb],
+        "max_doc_tokens": opts.max_doc_tokens,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -364,6 +373,8 @@ def build_shards(
         raise BuildError("pass only one of --docs-per-shard and --shard-size-mb")
     if (opts.docs_per_shard or 1) < 1 or (opts.shard_size_mb or 1) <= 0 or opts.chunk_docs < 1:
         raise BuildError("--docs-per-shard, --shard-size-mb and --chunk-docs must be positive")
+    if opts.max_doc_tokens is not None and opts.max_doc_tokens < 2:
+        raise BuildError("--max-doc-tokens must be >= 2 (a piece holds tokens and its EOS)")
     if not inputs and not opts.hf_dataset:
         raise BuildError("nothing to build: pass --input PATH... and/or --hf-dataset NAME")
     start = time.perf_counter()
@@ -386,6 +397,8 @@ def build_shards(
             return old
         manifest_path.unlink()  # from here on the directory must not look complete
     done: list[ShardInfo] = []
+    # Per finished shard: (input documents written in full, pieces written of the next one).
+    positions: list[list[int]] = []
     if progress_path.is_file():
         try:
             record = json.loads(progress_path.read_text())
@@ -393,6 +406,9 @@ def build_shards(
             record = {}
         if record.get("fingerprint") == fingerprint:
             done = _verified(out, [ShardInfo(**s) for s in record["shards"]])
+            positions = record.get("positions", [])[: len(done)]
+            if len(positions) != len(done):  # a record without positions: start afresh
+                done, positions = [], []
             _log(opts, f"{out}: resuming after {len(done)} finished shard(s)")
     _clean(out, opts.prefix, keep=len(done))
 
@@ -400,16 +416,23 @@ def build_shards(
     limit_docs = opts.docs_per_shard
     limit_bytes = None if limit_docs else (opts.shard_size_mb or DEFAULT_SHARD_SIZE_MB) * 2**20
     doc_index = sum(s.num_docs for s in done)
-    chunks = _chunks(iter_documents(files, opts), opts.chunk_docs, doc_index, counts)
+    raw_index, piece_skip = positions[-1] if positions else (0, 0)
+    chunks = _chunks(iter_documents(files, opts), opts.chunk_docs, raw_index, counts)
     writer: ShardWriter | None = None
+    huge: list[tuple[str, int]] = []
     bar = tqdm(
         desc="tokenizing", unit="doc", initial=doc_index, disable=None if opts.progress else True
     )
 
-    def close_shard(w: ShardWriter) -> None:
+    def close_shard(w: ShardWriter, position: tuple[int, int]) -> None:
         info = w.finish()
         done.append(info)
-        record = {"fingerprint": fingerprint, "shards": [asdict(s) for s in done]}
+        positions.append(list(position))
+        record = {
+            "fingerprint": fingerprint,
+            "shards": [asdict(s) for s in done],
+            "positions": positions,
+        }
         write_atomic(progress_path, json.dumps(record, indent=1).encode())
         if on_shard is not None:
             on_shard(info)
@@ -417,21 +440,30 @@ def build_shards(
     try:
         for docs, arrays in _tokenized(chunks, tokenizer, dtype, opts.workers):
             for doc, tokens in zip(docs, arrays):
-                meta = {"source": doc.source, "doc_id": doc.doc_id, "length": len(tokens)}
-                members = sample_members(f"{doc_index:010d}", tokens, meta)
-                if writer is not None and (
-                    (limit_docs and writer.num_docs >= limit_docs)
-                    or (limit_bytes and writer.size_with(members) > limit_bytes)
-                ):
-                    close_shard(writer)
-                    writer = None
-                if writer is None:
-                    writer = ShardWriter(out, opts.prefix, len(done))
-                writer.add_members(members, len(tokens))
-                doc_index += 1
+                if len(tokens) > opts.warn_doc_tokens:
+                    huge.append((doc.doc_id, len(tokens)))
+                pieces = split_document(tokens, opts.max_doc_tokens)
+                for p, piece in enumerate(pieces):
+                    if piece_skip:  # written before an interruption
+                        piece_skip -= 1
+                        continue
+                    doc_id = doc.doc_id if len(pieces) == 1 else f"{doc.doc_id}@{p}"
+                    meta = {"source": doc.source, "doc_id": doc_id, "length": len(piece)}
+                    members = sample_members(f"{doc_index:010d}", piece, meta)
+                    if writer is not None and (
+                        (limit_docs and writer.num_docs >= limit_docs)
+                        or (limit_bytes and writer.size_with(members) > limit_bytes)
+                    ):
+                        close_shard(writer, (raw_index, p))
+                        writer = None
+                    if writer is None:
+                        writer = ShardWriter(out, opts.prefix, len(done))
+                    writer.add_members(members, len(piece))
+                    doc_index += 1
+                raw_index += 1
             bar.update(len(docs))
         if writer is not None:
-            close_shard(writer)
+            close_shard(writer, (raw_index, 0))
             writer = None
     finally:
         bar.close()
@@ -460,6 +492,19 @@ def build_shards(
     )
     write_manifest(manifest_path, manifest)
     progress_path.unlink(missing_ok=True)
+    if huge:
+        longest = max(huge, key=lambda h: h[1])
+        split = (
+            f"they were split into pieces of <= {opts.max_doc_tokens} tokens"
+            if opts.max_doc_tokens
+            else "pass --max-doc-tokens N to split them (or --txt-blocks for .txt files)"
+        )
+        print(
+            f"[build_shards] warning: {len(huge)} document(s) have more than "
+            f"{opts.warn_doc_tokens} tokens (longest: {longest[0]}, {longest[1]} tokens); {split}",
+            file=sys.stderr,
+            flush=True,
+        )
     _log(
         opts,
         f"{out}: {len(done)} shards, {manifest.num_docs} docs, {manifest.num_tokens} tokens "
@@ -505,32 +550,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes"
     )
     p.add_argument("--chunk-docs", type=int, default=256, help="documents per worker task")
+    p.add_argument(
+        "--max-doc-tokens",
+        type=int,
+        default=None,
+        help="split longer documents into pieces of at most N tokens (each ends with EOS)",
+    )
+    p.add_argument(
+        "--warn-doc-tokens",
+        type=int,
+        default=WARN_DOC_TOKENS,
+        help=f"report documents longer than N tokens (default {WARN_DOC_TOKENS})",
+    )
     p.add_argument("--hf-dataset", help="Hugging Face dataset name (needs `datasets` + network)")
     p.add_argument("--hf-split", default="train", help="split of --hf-dataset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
-    return p.parse_args(argv)
+    return parse(p, argv)  # flags or key=value (rlp.options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    opts = BuildOptions(
-        tokenizer=args.tokenizer,
-        out=args.out,
-        prefix=args.prefix,
-        text_field=args.text_field,
-        txt_blocks=args.txt_blocks,
-        shard_size_mb=args.shard_size_mb,
-        docs_per_shard=args.docs_per_shard,
-        workers=args.workers,
-        chunk_docs=args.chunk_docs,
-        hf_dataset=args.hf_dataset,
-        hf_split=args.hf_split,
-        progress=not args.no_progress,
-    )
+    opts = build(BuildOptions, args, progress=not args.no_progress)
+    from rlp.tokenizer import TokenizerError
+
     try:
         build_shards(args.input, opts)
-    except BuildError as exc:
-        print(f"build_shards: error: {exc}", file=sys.stderr)
+    except (BuildError, TokenizerError) as exc:
+        print(f"rlp data build: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

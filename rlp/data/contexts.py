@@ -118,11 +118,11 @@ def document_contexts(
         key=key,
         epoch=epoch,
     )
-    ids = arr[:n].astype(np.int64).tolist()
+    # Only the windows around the targets become Python lists (a document may be millions long).
     return [
         Context(
-            prefix=ids[max(0, t - max_prefix_tokens) : t],
-            target=ids[t : t + target_tokens],
+            prefix=arr[max(0, t - max_prefix_tokens) : t].astype(np.int64).tolist(),
+            target=arr[t : t + target_tokens].astype(np.int64).tolist(),
             key=key,
             position=t,
             epoch=epoch,

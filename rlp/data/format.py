@@ -1,22 +1,27 @@
-"""On-disk format of token shards: sample keys, token dtypes, manifest schema, data errors.
+"""On-disk format of shards: sample keys, token dtypes, manifest schema, data errors.
 
-This module is the contract between the shard builder (``data_pipelines/``) and the readers in
-``rlp.data``; it imports only the standard library and numpy.
+This module is the contract between the shard builder (:mod:`rlp.data.builder`), the manifest
+indexer (:mod:`rlp.data.indexer`) and the readers in ``rlp.data``; it imports only the standard
+library and numpy.
 
-A shard is a plain (uncompressed) tar file in webdataset layout. Each document is one *sample*:
-consecutive members sharing a key, ``{key}.npy`` (1-D token ids, ``uint16`` when every id fits,
-else ``int32``; the document ends with EOS) and ``{key}.json`` (``{"source", "doc_id",
-"length"}``). Keys contain no dots and are unique within a build. Readers decode only these two
-extensions (``.npy`` with ``allow_pickle=False``); anything else in a shard is ignored, never
-unpickled.
+A shard is a tar file (plain, or gzip-compressed ``.tar.gz``) in webdataset layout: a *sample* is
+the run of consecutive members sharing a key (the member name up to the first dot of its base
+name). Two sample layouts are read (``docs/data.md``):
 
-``manifest.json`` sits next to the shards and is written last by the builder, so a directory
-with a manifest is a complete build. Its schema is :class:`Manifest` (``version`` 1).
+* **pre-tokenised** (written by ``rlp data build``): ``{key}.npy`` (1-D token ids, ``uint16`` when
+  every id fits, else ``int32``; the document ends with EOS) and ``{key}.json`` (``{"source",
+  "doc_id", "length"}``);
+* **text** (any webdataset): ``{key}.txt`` (UTF-8), or a string field (``data.text_key``) of
+  ``{key}.json`` (one object) or ``{key}.jsonl`` (one object per line, texts joined by newlines).
 
-:func:`iter_tar_members` is the tar reader used for shards, written here rather than taken from
-``tarfile``: ``tarfile`` treats a missing header as the end of the archive, so a shard cut at a
-member boundary reads as complete. Here an archive must end with the zero-block marker or it is
-reported truncated, and members nobody reads are skipped by seeking (cheap fast-forward).
+Readers decode only these extensions (``.npy`` with a strict header parser, never pickle);
+anything else in a shard is skipped unread.
+
+``manifest.json`` sits next to the shards (or anywhere, given by path or URL) and is written last,
+so a directory with a manifest is a complete build. Its schema is :class:`Manifest`: format
+``rlp-token-shards`` (pre-tokenised, names the tokenizer) or ``rlp-text-shards`` (an index of text
+shards made by ``rlp data manifest``); both list each shard's base name and sample count, which
+lets a resume skip whole shards without opening them.
 """
 
 from __future__ import annotations
@@ -26,20 +31,25 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 TOKENS_EXT = "npy"
 """Member extension holding a document's token ids."""
 META_EXT = "json"
-"""Member extension holding a document's metadata."""
+"""Member extension holding a document's metadata (pre-tokenised) or its text (text shards)."""
+TEXT_EXTS = ("txt", "json", "jsonl")
+"""Member extensions a text sample may carry its text in, in order of preference."""
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 FORMAT_NAME = "rlp-token-shards"
+"""Manifest format of pre-tokenised builds."""
+TEXT_FORMAT_NAME = "rlp-text-shards"
+"""Manifest format of an index of text shards (no tokenizer)."""
 SHARD_TEMPLATE = "{prefix}-{index:06d}.tar"
 """Shard file names; ``{prefix}-{000000..000003}.tar`` brace-expands to a build's shards."""
 TOKEN_DTYPES = ("uint16", "int32")
@@ -76,12 +86,27 @@ def encode_tokens(tokens: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '([<>|=]?[iu][1248])', 'fortran_order': False, 'shape': \((\d+),\), \} *\n"
+)
+"""The header ``np.save`` writes for a 1-D integer array (the only kind a token member holds)."""
+_DTYPES: dict[bytes, np.dtype] = {}
+
+
 def decode_tokens(data: bytes, vocab_size: int | None = None) -> np.ndarray:
-    """Token ids from ``.npy`` bytes; raises ``ValueError`` for anything but 1-D valid ids."""
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # numpy raises ValueError/OSError/EOFError for garbage
-        raise ValueError(f"not a valid .npy array ({type(exc).__name__}: {exc})") from exc
+    """Token ids from ``.npy`` bytes; raises ``ValueError`` for anything but 1-D valid ids.
+
+    The header ``np.save`` writes for 1-D integer arrays is parsed with one regular expression
+    (several times faster than ``np.load``, which evaluates the header as a Python literal);
+    anything else goes through ``np.load(allow_pickle=False)``. Object arrays are never unpickled.
+    """
+    arr = _fast_npy(data)
+    if arr is None:
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as exc:  # numpy raises ValueError/OSError/EOFError for garbage
+            raise ValueError(f"not a valid .npy array ({type(exc).__name__}: {exc})") from exc
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise ValueError(f"expected a 1-D integer array, got {arr.dtype} with shape {arr.shape}")
     if arr.size == 0:
@@ -91,6 +116,25 @@ def decode_tokens(data: bytes, vocab_size: int | None = None) -> np.ndarray:
     if vocab_size is not None and int(arr.max()) >= vocab_size:
         raise ValueError(f"token id {int(arr.max())} >= vocab_size {vocab_size}")
     return arr
+
+
+def _fast_npy(data: bytes) -> np.ndarray | None:
+    """The array of a version-1.0 ``.npy`` with the standard 1-D integer header, else ``None``."""
+    if len(data) < 10 or data[:6] != _NPY_MAGIC or data[6] != 1:
+        return None
+    end = 10 + int.from_bytes(data[8:10], "little")
+    m = _NPY_HEADER.fullmatch(data, 10, end)
+    if m is None:
+        return None
+    dtype = _DTYPES.get(m.group(1))
+    if dtype is None:
+        dtype = _DTYPES.setdefault(m.group(1), np.dtype(m.group(1).decode()))
+    count = int(m.group(2))
+    if len(data) - end != count * dtype.itemsize:
+        raise ValueError(
+            f"not a valid .npy array ({len(data) - end} data bytes for {count} x {dtype})"
+        )
+    return np.frombuffer(data, dtype, count, end)
 
 
 def encode_meta(meta: dict[str, Any]) -> bytes:
@@ -130,22 +174,28 @@ class TokenizerInfo:
 
 @dataclass
 class ShardInfo:
-    """One shard file of a build."""
+    """One shard file of a build or index."""
 
     name: str
-    """File name relative to the manifest's directory."""
+    """Base name of the shard; shards given by path or URL are matched to entries by base name."""
     sha256: str
     num_docs: int
-    num_tokens: int
+    """Samples in the shard (every key counts, also a text sample without usable text)."""
+    num_tokens: int | None
+    """Tokens in the shard (pre-tokenised builds); ``None`` for text shards."""
     bytes: int
 
 
 @dataclass
 class Manifest:
-    """Description of a complete shard build (``manifest.json``)."""
+    """Description of a complete shard set (``manifest.json``).
 
-    tokenizer: TokenizerInfo
-    dtype: str
+    ``format`` ``rlp-token-shards``: a pre-tokenised build (``tokenizer`` and ``dtype`` set).
+    ``rlp-text-shards``: an index of text shards (``tokenizer`` and ``dtype`` are ``None``).
+    """
+
+    tokenizer: TokenizerInfo | None
+    dtype: str | None
     shards: list[ShardInfo]
     builder_version: str
     build: dict[str, Any] = field(default_factory=dict)
@@ -153,20 +203,31 @@ class Manifest:
     version: int = MANIFEST_VERSION
     format: str = FORMAT_NAME
 
+    def __post_init__(self) -> None:
+        self._by_name = {s.name: s for s in self.shards}
+
+    @property
+    def content(self) -> str:
+        """``"tokens"`` (pre-tokenised samples) or ``"text"``."""
+        return "tokens" if self.format == FORMAT_NAME else "text"
+
     @property
     def num_docs(self) -> int:
         return sum(s.num_docs for s in self.shards)
 
     @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.shards)
+    def num_tokens(self) -> int | None:
+        counts = [s.num_tokens for s in self.shards]
+        return None if None in counts else sum(counts)  # type: ignore[arg-type]
 
     def shard(self, name: str) -> ShardInfo | None:
-        """Entry for a shard file name, or ``None``."""
-        return next((s for s in self.shards if s.name == name), None)
+        """Entry for a shard base name, or ``None``."""
+        return self._by_name.get(name)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["tokenizer"] = None if self.tokenizer is None else dataclasses.asdict(self.tokenizer)
+        out["shards"] = [dataclasses.asdict(s) for s in self.shards]
         out["num_shards"] = len(self.shards)
         out["num_docs"] = self.num_docs
         out["num_tokens"] = self.num_tokens
@@ -177,42 +238,56 @@ class Manifest:
         """Validate and build; errors name the file and the offending field."""
         if not isinstance(raw, dict):
             raise ManifestError(f"{where}: expected a JSON object")
-        if raw.get("format") != FORMAT_NAME:
-            raise ManifestError(f"{where}: format is {raw.get('format')!r}, not {FORMAT_NAME!r}")
+        fmt = raw.get("format")
+        if fmt not in (FORMAT_NAME, TEXT_FORMAT_NAME):
+            raise ManifestError(
+                f"{where}: format is {fmt!r}, not {FORMAT_NAME!r} or {TEXT_FORMAT_NAME!r}"
+            )
         if raw.get("version") != MANIFEST_VERSION:
             raise ManifestError(
                 f"{where}: manifest version {raw.get('version')!r} is not supported (this rlp "
                 f"reads version {MANIFEST_VERSION}); rebuild the shards with this version's "
-                "rlp.data.builder"
+                "rlp.data.builder (or re-index them with rlp data manifest)"
             )
         try:
-            tok = TokenizerInfo(**raw["tokenizer"])
+            tok = raw.get("tokenizer")
+            if fmt == FORMAT_NAME and not isinstance(tok, dict):
+                raise KeyError("tokenizer")
             shards = [ShardInfo(**s) for s in raw["shards"]]
             manifest = cls(
-                tokenizer=tok,
-                dtype=str(raw["dtype"]),
+                tokenizer=TokenizerInfo(**tok) if isinstance(tok, dict) else None,
+                dtype=None if raw.get("dtype") is None else str(raw["dtype"]),
                 shards=shards,
                 builder_version=str(raw["builder_version"]),
                 build=dict(raw.get("build") or {}),
+                format=fmt,
             )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"{where}: missing or malformed field ({exc})") from exc
-        names = [s.name for s in shards]
-        if len(set(names)) != len(names):
+        if len(manifest._by_name) != len(shards):
             raise ManifestError(f"{where}: shard names repeat")
         return manifest
 
+    @classmethod
+    def from_json(cls, data: bytes | str, where: str) -> Manifest:
+        """Parse ``manifest.json`` content (read from a file or a URL)."""
+        try:
+            raw = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"manifest {where} is not valid JSON ({exc})") from exc
+        return cls.from_dict(raw, where=where)
+
 
 def read_manifest(path: str | Path) -> Manifest:
-    """Load and validate ``manifest.json``."""
+    """Load and validate a local ``manifest.json`` (URLs: :func:`rlp.data.shards.load_manifest`)."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"manifest {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"manifest {path} is not valid JSON ({exc})") from exc
-    return Manifest.from_dict(raw, where=str(path))
+    except IsADirectoryError:
+        raise ManifestError(f"manifest {path} is a directory, not a manifest.json") from None
+    return Manifest.from_json(data, str(path))
 
 
 def write_manifest(path: str | Path, manifest: Manifest) -> Path:
@@ -230,160 +305,3 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------- tar
-
-_BLOCK = 512
-
-
-@dataclass
-class TarMember:
-    """A regular-file tar member; ``read()`` returns its data (unread members are skipped)."""
-
-    name: str
-    read: Callable[[], bytes]
-
-
-def iter_tar_members(f: BinaryIO, url: str) -> Iterator[TarMember]:
-    """Regular-file members of a tar stream (ustar/pax/GNU long names); data read on demand."""
-    seekable = _seekable(f)
-    long_name: str | None = None
-    offset = 0
-    while True:
-        header = _read(f, _BLOCK)
-        if len(header) < _BLOCK:
-            if offset == 0 and not header:
-                raise CorruptShardError(f"shard {url} is empty (0 bytes)")
-            raise CorruptShardError(
-                f"shard {url} is truncated at byte {offset + len(header)}: it ends without the "
-                "tar end-of-archive marker (an interrupted copy or build?)"
-            )
-        if header == b"\0" * _BLOCK:
-            return  # end-of-archive marker: a complete archive
-        if not _checksum_ok(header):
-            what = "is not a tar file" if offset == 0 else f"has a damaged header at byte {offset}"
-            raise CorruptShardError(f"shard {url} {what}")
-        try:
-            size = _parse_number(header[124:136])
-        except ValueError:
-            raise CorruptShardError(f"shard {url} has a damaged header at byte {offset}") from None
-        typeflag = header[156:157]
-        padded = -(-size // _BLOCK) * _BLOCK
-        offset += _BLOCK
-        if typeflag in (b"x", b"g", b"L"):
-            data = _read(f, padded)
-            if len(data) < padded:
-                raise CorruptShardError(f"shard {url} is truncated inside a header at {offset}")
-            offset += padded
-            if typeflag == b"L":
-                long_name = data[:size].rstrip(b"\0").decode("utf-8", "replace")
-            elif typeflag == b"x":
-                long_name = _pax_path(data[:size]) or long_name
-            continue
-        name = long_name or _tar_name(header)
-        long_name = None
-        if typeflag not in (b"0", b"\0", b"7"):  # directories, links, devices: no sample data
-            _skip(f, padded, seekable)
-            offset += padded
-            continue
-        state = {"read": False}
-
-        def read(
-            size: int = size,
-            padded: int = padded,
-            start: int = offset,
-            name: str = name,
-            state: dict[str, bool] = state,
-        ) -> bytes:
-            state["read"] = True
-            data = _read(f, padded)
-            if len(data) < size:
-                raise CorruptShardError(
-                    f"shard {url} is truncated at byte {start + len(data)} inside member {name!r}"
-                )
-            return data[:size]
-
-        yield TarMember(name, read)
-        if not state["read"]:
-            _skip(f, padded, seekable)
-        offset += padded
-
-
-def _seekable(f: BinaryIO) -> bool:
-    try:
-        return f.seekable()
-    except (AttributeError, OSError):
-        return False
-
-
-def _read(f: BinaryIO, n: int) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        chunk = f.read(n - got)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
-def _skip(f: BinaryIO, n: int, seekable: bool) -> None:
-    if seekable:
-        f.seek(n, os.SEEK_CUR)  # past EOF is fine: the next header read reports truncation
-    else:
-        while n > 0:
-            chunk = f.read(min(n, 1 << 20))
-            if not chunk:
-                return
-            n -= len(chunk)
-
-
-def _checksum_ok(header: bytes) -> bool:
-    try:
-        stored = _parse_number(header[148:156])
-    except ValueError:
-        return False
-    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    signed = unsigned - 2 * sum(b for b in header[:148] + header[156:] if b > 127)
-    return stored in (unsigned, signed)
-
-
-def _parse_number(field: bytes) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for large sizes
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.replace(b"\0", b" ").strip()
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise ValueError(f"bad octal field {field!r}") from None
-
-
-def _tar_name(header: bytes) -> str:
-    name = header[0:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8", "replace")
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a pax extended header (``"<len> path=<value>\\n"`` records)."""
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            break
-        record = data[space + 1 : pos + length - 1]
-        k, _, v = record.partition(b"=")
-        if k == b"path":
-            return v.decode("utf-8", "replace")
-        pos += length
-    return None

@@ -1,34 +1,28 @@
-"""Shard sets: URL expansion, manifest checks, DP split, and reading samples out of a shard.
+"""Shard sets: manifest lookup and checks, and which shards a data-parallel rank reads.
 
-This module owns *which* shards a rank reads and *how* one shard is read:
+This module owns *which* shards a rank reads (how one shard is read is :mod:`rlp.data.samples`,
+where its bytes come from :mod:`rlp.data.urls`):
 
-* :func:`expand_shard_urls` turns ``data.shards`` into a list: local paths, globs, brace patterns
-  (``demo-{000000..000003}.tar``), ``file://`` URLs, ``pipe:CMD`` (CMD's stdout is the tar), and
-  comma-separated lists of those (commas inside ``{...}`` belong to the brace pattern).
-* :func:`load_manifest` / :func:`check_manifest` find ``manifest.json`` and refuse shards built with
-  another tokenizer or not listed in it.
+* :func:`load_manifest` / :func:`check_manifest` find ``manifest.json`` (given by path or URL, or
+  next to the first shard: a local directory, or the same "directory" of an HTTP/object-store URL)
+  and refuse pre-tokenised shards built with another tokenizer or shards it does not list. Shards
+  are matched to manifest entries by base name (:func:`rlp.data.urls.url_name`), so a manifest
+  describes its shards wherever they are copied to, also behind ``pipe:`` commands.
 * :func:`epoch_shards` gives one DP rank's shards for an epoch: the whole list is permuted from
   ``(seed, epoch)`` *before* the split, then strided by the **data-parallel** rank passed in. It
   never reads ``RANK``/``WORLD_SIZE`` (webdataset's ``split_by_node`` does, which makes TP peers
   read different data); all TP/PP peers of a DP rank therefore get the same list.
-* :class:`ShardSource` opens a shard (file or ``pipe:``); :func:`iter_samples` groups its tar
-  members (:func:`rlp.data.format.iter_tar_members`) into samples, reading only wanted ones.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import subprocess
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-from braceexpand import braceexpand
 
 from rlp.data.format import (
     MANIFEST_NAME,
@@ -36,94 +30,80 @@ from rlp.data.format import (
     Manifest,
     ManifestError,
     TokenizerMismatchError,
-    iter_tar_members,
     read_manifest,
 )
+from rlp.data.urls import (
+    expand_shard_urls,
+    is_local,
+    open_url,
+    sibling_url,
+    split_top_level,
+    url_name,
+)
+
+__all__ = [
+    "ShardSet",
+    "check_manifest",
+    "epoch_shards",
+    "expand_shard_urls",
+    "is_local",
+    "load_manifest",
+    "open_shard_set",
+    "split_top_level",
+]
 
 log = logging.getLogger("rlp.data")
-
-# ---------------------------------------------------------------------------------- URLs
-
-
-def split_top_level(spec: str, sep: str = ",") -> list[str]:
-    """Split on ``sep`` outside ``{...}`` (brace alternatives keep their commas)."""
-    parts, depth, cur = [], 0, []
-    for ch in spec:
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth = max(0, depth - 1)
-        if ch == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
-    """Expand ``data.shards`` into shard URLs (local paths or ``pipe:`` commands), in order.
-
-    Globs are sorted; brace patterns keep their order; a glob or path that matches nothing is an
-    error (a typo must not silently train on fewer shards).
-    """
-    items = split_top_level(spec) if isinstance(spec, str) else [str(s) for s in spec]
-    urls: list[str] = []
-    for item in items:
-        for url in braceexpand(item):
-            if url.startswith("pipe:"):
-                if not url[5:].strip():
-                    raise ValueError(f"empty pipe: command in data.shards {spec!r}")
-                urls.append(url)
-                continue
-            if url.startswith("file://"):
-                url = url[len("file://") :]
-            elif "://" in url:
-                raise ValueError(
-                    f"shard URL {url!r}: only local paths, file:// and pipe: are supported; for "
-                    f"remote storage use e.g. 'pipe:curl -sfL {url}' or 'pipe:aws s3 cp {url} -'"
-                )
-            path = os.path.expanduser(url)
-            if glob.has_magic(path):
-                matches = sorted(glob.glob(path))
-                if not matches:
-                    raise ValueError(f"shard glob {url!r} matches no files (data.shards)")
-                urls.extend(matches)
-            else:
-                urls.append(path)
-    if not urls:
-        raise ValueError(f"data.shards {spec!r} names no shards")
-    if len(set(urls)) != len(urls):
-        dup = sorted({u for u in urls if urls.count(u) > 1})
-        raise ValueError(f"data.shards lists shards more than once: {dup[:5]}")
-    return urls
-
-
-def is_pipe(url: str) -> bool:
-    return url.startswith("pipe:")
-
-
-def shard_name(url: str) -> str | None:
-    """File name used to look a shard up in the manifest (``None`` for ``pipe:`` URLs)."""
-    return None if is_pipe(url) else os.path.basename(url)
 
 
 # ---------------------------------------------------------------------------------- manifest
 
 
-def default_manifest_path(urls: Sequence[str]) -> Path | None:
-    """``manifest.json`` next to the first local shard, or ``None`` for pipe-only sets."""
-    local = [u for u in urls if not is_pipe(u)]
-    return Path(local[0]).parent / MANIFEST_NAME if local else None
+def default_manifest_url(urls: Sequence[str]) -> str | None:
+    """``manifest.json`` next to the first shard, or ``None`` when it is a ``pipe:`` command."""
+    return sibling_url(urls[0], MANIFEST_NAME) if urls else None
 
 
-def load_manifest(urls: Sequence[str], manifest: str | Path | None = None) -> Manifest | None:
-    """The explicit manifest (must exist) or the one next to the shards (``None`` if absent)."""
+def read_manifest_url(url: str) -> Manifest:
+    """A manifest from a local path or any URL :func:`rlp.data.urls.open_url` opens."""
+    if is_local(url):
+        return read_manifest(os.path.expanduser(url))
+    try:
+        stream = open_url(url)
+        try:
+            data = stream.read()
+        finally:
+            stream.close()
+    except OSError as exc:
+        raise ManifestError(f"manifest {url} cannot be read ({exc})") from None
+    if not data:
+        raise ManifestError(f"manifest {url} cannot be read (no data)")
+    return Manifest.from_json(data, url)
+
+
+def load_manifest(
+    urls: Sequence[str], manifest: str | Path | None = None
+) -> tuple[Manifest | None, str]:
+    """``(manifest, where)``: the explicit manifest (must exist), else the one next to the shards.
+
+    A manifest next to remote shards that cannot be read counts as absent (logged): the shards
+    still stream, but a resume has to re-read the shards before its position.
+    """
     if manifest is not None:
-        return read_manifest(manifest)
-    path = default_manifest_path(urls)
-    return read_manifest(path) if path is not None and path.is_file() else None
+        return read_manifest_url(str(manifest)), str(manifest)
+    where = default_manifest_url(urls)
+    if where is None:
+        return None, MANIFEST_NAME
+    if is_local(where):
+        return (read_manifest(where) if os.path.isfile(where) else None), where
+    try:
+        return read_manifest_url(where), where
+    except ManifestError as exc:
+        log.warning(
+            "no manifest next to the shards (%s): resuming re-reads the shards before the data "
+            "cursor; index them with `rlp data manifest` or set data.manifest",
+            exc,
+        )
+        return None, where
 
 
 def check_manifest(
@@ -134,31 +114,48 @@ def check_manifest(
     tokenizer_name: str | None = None,
     tokenizer_hash: str | None = None,
 ) -> None:
-    """Refuse a tokenizer mismatch and local shards the manifest does not list."""
-    if tokenizer_hash is not None and manifest.tokenizer.hash != tokenizer_hash:
+    """Refuse a tokenizer mismatch (pre-tokenised shards) and shards the manifest does not list."""
+    tok = manifest.tokenizer
+    if tokenizer_hash is not None and tok is not None and tok.hash != tokenizer_hash:
         raise TokenizerMismatchError(
-            f"the shards in {where} were built with tokenizer {manifest.tokenizer.name!r} "
-            f"(hash {manifest.tokenizer.hash}), but this run uses tokenizer "
+            f"the shards in {where} were built with tokenizer {tok.name!r} "
+            f"(hash {tok.hash}), but this run uses tokenizer "
             f"{tokenizer_name or '?'!r} (hash {tokenizer_hash}). Rebuild the shards with this "
-            f"tokenizer (python -m rlp.data.builder --tokenizer {tokenizer_name} ...) "
-            f"or set tokenizer.path to {manifest.tokenizer.name!r}; set data.check_tokenizer=false "
+            f"tokenizer (rlp data build --tokenizer {tokenizer_name} ...) "
+            f"or set tokenizer.path to {tok.name!r}; set data.check_tokenizer=false "
             "only if both map text to the same ids"
         )
-    unknown = [n for n in (shard_name(u) for u in urls) if n is not None and not manifest.shard(n)]
+    names = [url_name(u) for u in urls]
+    known = [n for n in names if n is not None]
+    if len(set(known)) != len(known):
+        dup = sorted({n for n in known if known.count(n) > 1})
+        raise ManifestError(
+            f"shards are matched to {where} by base name, and {dup[:3]} name more than one "
+            "shard in data.shards; give each shard a distinct file name"
+        )
+    unknown = [n for n in known if not manifest.shard(n)]
     if unknown:
         raise ManifestError(
             f"{len(unknown)} shard(s) are not listed in {where} (e.g. {unknown[:3]}): they come "
-            "from another build; point data.manifest at their manifest or rebuild"
+            "from another build; point data.manifest at their manifest, rebuild, or re-index "
+            "them (rlp data manifest)"
         )
+
+
+CONTENTS = ("auto", "tokens", "text")
+"""``data.format``: pre-tokenised samples, text samples, or ``auto`` (the manifest says; without
+one each sample by its members: ``.npy`` is pre-tokenised, else text)."""
 
 
 @dataclass(frozen=True)
 class ShardSet:
-    """Expanded shard URLs with their (checked) manifest."""
+    """Expanded shard URLs with their (checked) manifest and the sample layout to read."""
 
     urls: list[str]
     manifest: Manifest | None
     manifest_where: str
+    content: str
+    """``"tokens"``, ``"text"`` or ``"auto"`` (per sample; only without a manifest)."""
 
 
 def open_shard_set(
@@ -168,26 +165,35 @@ def open_shard_set(
     tokenizer_name: str | None = None,
     tokenizer_hash: str | None = None,
     on_corrupt: str = "error",
+    content: str = "auto",
 ) -> ShardSet:
     """Expand ``spec``, load and check the manifest, and check that local shard files exist.
 
-    With ``tokenizer_hash`` the manifest is required and must match it. Missing shard files
+    With ``tokenizer_hash``, pre-tokenised shards need a manifest naming that tokenizer (text
+    shards are tokenised with the run's tokenizer and need no check). Missing local shard files
     raise with ``on_corrupt="error"`` and are logged (then skipped and counted by the reader)
     with ``"skip"``.
     """
+    if content not in CONTENTS:
+        raise ValueError(f"data.format must be one of {CONTENTS}, got {content!r}")
     urls = expand_shard_urls(spec)
-    found = load_manifest(urls, manifest)
-    where = str(manifest or default_manifest_path(urls) or MANIFEST_NAME)
+    found, where = load_manifest(urls, manifest)
     if found is not None:
+        if content != "auto" and content != found.content:
+            raise ManifestError(
+                f"data.format={content} but {where} describes {found.content} shards; set "
+                f"data.format={found.content} (or auto)"
+            )
+        content = found.content
         check_manifest(
             found, urls, where=where, tokenizer_name=tokenizer_name, tokenizer_hash=tokenizer_hash
         )
-    elif tokenizer_hash is not None:
+    elif tokenizer_hash is not None and content == "tokens":
         raise ManifestError(
             f"no {where} found, so the shards' tokenizer cannot be checked; set data.manifest "
             "to the build's manifest.json, or data.check_tokenizer=false"
         )
-    missing = [u for u in urls if not is_pipe(u) and not os.path.isfile(u)]
+    missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
     if missing:
         msg = f"{len(missing)} of {len(urls)} shard file(s) do not exist: {missing[:5]}"
         if on_corrupt == "error":
@@ -196,7 +202,7 @@ def open_shard_set(
                 "set data.on_corrupt=skip to train on the others"
             )
         log.warning("%s; they are skipped and counted in skipped_shards (on_corrupt=skip)", msg)
-    return ShardSet(urls, found, where)
+    return ShardSet(urls, found, where, content)
 
 
 # ---------------------------------------------------------------------------------- split
@@ -215,7 +221,7 @@ def epoch_shards(
     if len(urls) < dp_size:
         raise ValueError(
             f"{len(urls)} shard(s) cannot feed {dp_size} data-parallel ranks: every rank needs at "
-            "least one shard. Rebuild with more, smaller shards (build_shards --docs-per-shard) "
+            "least one shard. Rebuild with more, smaller shards (rlp data build --docs-per-shard) "
             "or use fewer DP ranks"
         )
     order = list(urls)
@@ -227,114 +233,3 @@ def epoch_shards(
 
 def _u64(x: int) -> int:
     return x & 0xFFFF_FFFF_FFFF_FFFF
-
-
-# ---------------------------------------------------------------------------------- reading
-
-
-class ShardSource:
-    """An open shard: a local file or the stdout of a ``pipe:`` command (closed on exit)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._proc: subprocess.Popen | None = None
-        self._stderr: BinaryIO | None = None
-        if is_pipe(url):
-            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-            self._proc = subprocess.Popen(
-                url[5:], shell=True, stdout=subprocess.PIPE, stderr=self._stderr
-            )
-            self.fileobj: BinaryIO = self._proc.stdout  # type: ignore[assignment]
-        else:
-            try:
-                self.fileobj = open(url, "rb")  # noqa: SIM115 - closed in close()
-            except OSError as exc:
-                raise CorruptShardError(f"shard {url} cannot be opened ({exc})") from exc
-
-    def finish(self) -> None:
-        """After a complete read: drain the pipe and check the command's exit status."""
-        if self._proc is None:
-            return
-        while self.fileobj.read(1 << 16):  # trailing tar padding; closing early would SIGPIPE
-            pass
-        code = self._proc.wait()
-        if code != 0:
-            raise CorruptShardError(f"{self.url}: command exited with status {code}{self.stderr()}")
-
-    def stderr(self) -> str:
-        if self._stderr is None:
-            return ""
-        self._stderr.seek(0)
-        text = self._stderr.read()[-2000:].decode(errors="replace").strip()
-        return f" (stderr: {text})" if text else ""
-
-    def close(self) -> None:
-        self.fileobj.close()
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait()
-        if self._stderr is not None:
-            self._stderr.close()
-
-    def __enter__(self) -> ShardSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-@dataclass
-class RawSample:
-    """One sample's members as read from a shard.
-
-    ``parts`` maps extension to bytes for wanted samples (``None`` for skipped ones); ``error``
-    is set when the shard ended inside the sample.
-    """
-
-    key: str
-    parts: dict[str, bytes] | None
-    error: str | None = None
-
-
-def iter_samples(
-    src: ShardSource, want: Callable[[], bool], extensions: tuple[str, ...] = ("npy", "json")
-) -> Iterator[RawSample]:
-    """Samples of one shard, in file order; raises :class:`CorruptShardError` on damage.
-
-    ``want()`` is called once per sample, when its first member is seen, and decides whether its
-    members are read (only ``extensions``) or skipped. A sample being read when damage is found
-    is yielded first (with ``error`` set) and the error is raised on the next step, so callers
-    count samples identically whether or not they read them.
-    """
-    key: str | None = None
-    parts: dict[str, bytes] | None = None
-    incomplete: str | None = None
-    members = iter_tar_members(src.fileobj, src.url)
-    while True:
-        try:
-            member = next(members, None)
-        except CorruptShardError as exc:
-            if key is not None:  # its members were read in full before the damage
-                yield RawSample(key, parts, incomplete)
-            raise CorruptShardError(f"{exc}{src.stderr()}") from None
-        name = None if member is None else member.name
-        base = None if name is None else os.path.basename(name)
-        mkey = None
-        if base is not None:
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue  # members without an extension carry no sample data
-            mkey = name[: len(name) - len(base)] + stem
-        if key is not None and mkey != key:
-            yield RawSample(key, parts, incomplete)
-            key = None
-        if member is None:
-            return
-        if key is None:
-            key, parts, incomplete = mkey, ({} if want() else None), None
-        if parts is not None and ext in extensions:
-            try:
-                parts[ext] = member.read()
-            except CorruptShardError as exc:
-                incomplete = str(exc)

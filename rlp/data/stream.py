@@ -21,10 +21,21 @@ lane's position after the last *consumed* document and the next lane in the roun
 :mod:`rlp.data.cursor`) and the DataLoader's workers are rotated so the round-robin resumes at the
 recorded lane. Documents prefetched by workers but not consumed are not in the cursor; they are
 produced again after a restart. :class:`RLPDataStream` adds the contexts not yet handed out and
-the NTP packer's tail, so a resume neither drops nor repeats a context or a token.
+the NTP packer's position (the NTP stream's position before the first document still packing
+and how many of its tokens were emitted: :mod:`rlp.data.packing`), so a resume neither drops nor
+repeats a context or a token, and the cursor's size does not depend on document length.
 
-Bad data (``data.on_corrupt``), and the rule that only ``.npy`` (no pickle) and ``.json`` members
-are decoded, are described in :mod:`rlp.data.cursor`; ``stats()`` exposes the skip counters.
+**Samples.** Shards hold pre-tokenised samples (the fast path: ids are read as they are) or
+text samples, tokenised on the fly in the lanes (the DataLoader workers) with the run's
+tokenizer by the builder's rule; both follow the same order, resume and target rules.
+
+**Tensor parallelism.** Given its TP group, :class:`RLPDataStream` reads on the group's first
+rank only and relays each batch's token ids to the peers (:mod:`rlp.data.relay`), so shards are
+read once per TP group.
+
+Bad data (``data.on_corrupt``), and which members are decoded (``.npy`` without pickle,
+``.json``, ``.jsonl``, ``.txt``), are described in :mod:`rlp.data.cursor`; ``stats()`` exposes
+the skip counters.
 """
 
 from __future__ import annotations
@@ -42,9 +53,11 @@ import torch.utils.data as tud
 
 from rlp.data.contexts import Context, ContextBuilder
 from rlp.data.cursor import CURSOR_FIELDS, LanePlan, lane_documents
-from rlp.data.format import DataError, Manifest
+from rlp.data.format import DataError, Manifest, token_dtype
 from rlp.data.packing import SequencePacker
+from rlp.data.relay import Relay, pack_contexts, unpack_contexts
 from rlp.data.shards import epoch_shards, open_shard_set
+from rlp.data.text import TextEncoder
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from rlp.config import DataConfig
@@ -52,7 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger("rlp.data")
 
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,10 @@ class DocumentStream:
         stream_tag: int = 0,
         prefetch_factor: int = 4,
         worker_chunk: int = 32,
+        content: str = "tokens",
+        text_key: str = "text",
+        encoder: TextEncoder | None = None,
+        unchecked_tokens: str | None = None,
     ) -> None:
         if on_corrupt not in ("error", "skip"):
             raise ValueError(f"data.on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
@@ -132,6 +149,10 @@ class DocumentStream:
             manifest_where=manifest_where,
             verify_checksums=verify_checksums,
             max_epochs=max_epochs,
+            content=content,
+            text_key=text_key,
+            encoder=encoder,
+            unchecked_tokens=unchecked_tokens,
         )
         self._prefetch = prefetch_factor
         self._chunk = worker_chunk
@@ -141,6 +162,7 @@ class DocumentStream:
         self._yielded = 0
         self._it: Iterator[list[tuple]] | None = None
         self._ready: deque[tuple] = deque()
+        self._config = self._fingerprint()
 
     # --------------------------------------------------------------------------- iteration
 
@@ -187,6 +209,8 @@ class DocumentStream:
     def _fingerprint(self) -> dict[str, Any]:
         p = self._plan
         return {
+            "content": p.content,
+            "text_key": p.text_key if p.content != "tokens" else None,
             "shards_sha256": hashlib.sha256("\n".join(p.urls).encode()).hexdigest(),
             "num_shards": len(p.urls),
             "seed": p.seed,
@@ -199,21 +223,26 @@ class DocumentStream:
             "shuffle_buffer": p.shuffle_buffer,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-data cursor (JSON-serialisable) of the consumed position."""
+    def position(self) -> tuple:
+        """The consumed position, cheaply (no copy): pass it to :meth:`state_dict` later."""
+        return self._next_lane, self._yielded, tuple(self._lanes)
+
+    def state_dict(self, position: tuple | None = None) -> dict[str, Any]:
+        """Plain-data cursor (JSON-serialisable) of the consumed position (or of ``position``)."""
+        next_lane, yielded, lanes = self.position() if position is None else position
         return {
             "version": CURSOR_VERSION,
-            "config": self._fingerprint(),
-            "next_lane": self._next_lane,
-            "yielded": self._yielded,
-            "lanes": [dict(c, short=[list(x) for x in c["short"]]) for c in self._lanes],
+            "config": dict(self._config),
+            "next_lane": next_lane,
+            "yielded": yielded,
+            "lanes": [dict(c, short=[list(x) for x in c["short"]]) for c in lanes],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly after the position in ``state`` (stops any running workers)."""
         if state.get("version") != CURSOR_VERSION:
             raise DataError(f"data cursor version {state.get('version')!r} is not supported")
-        saved, now = state["config"], self._fingerprint()
+        saved, now = state["config"], self._config
         diff = [
             f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v
         ]
@@ -276,9 +305,16 @@ class RLPDataStream:
     data depend on whether and how often the NTP loss is on; with two, enabling NTP leaves the RLP
     contexts unchanged. The NTP stream (and its workers) starts on the first :meth:`next_ntp_batch`.
 
-    ``tokenizer`` (an :class:`rlp.tokenizer.Tokenizer`) supplies EOS, the id range and, with
-    ``data.check_tokenizer``, the hash the manifest must match. Without it EOS and vocabulary size
-    come from the manifest and no tokenizer check is made.
+    ``tokenizer`` (an :class:`rlp.tokenizer.Tokenizer`) supplies EOS, the id range, the encoder
+    for text shards and, with ``data.check_tokenizer``, the hash a pre-tokenised build's manifest
+    must match. Without it EOS and vocabulary size come from the manifest, no tokenizer check is
+    made and text shards cannot be read.
+
+    ``tp_group``: the tensor-parallel group of this rank (all its members call every method in
+    step). Its first rank reads the shards and relays each result to the others
+    (:mod:`rlp.data.relay`); the others open no shard. Their :meth:`state_dict` is a marker: the
+    reader's cursor is the group's (checkpoint loading takes a DP slot's cursor from its first TP
+    rank when the TP size changes).
     """
 
     def __init__(
@@ -293,19 +329,34 @@ class RLPDataStream:
         tokenizer: Tokenizer | None = None,
         verify_checksums: bool | None = None,
         max_epochs: int | None = None,
+        tp_group: Any = None,
+        device: torch.device | None = None,
     ) -> None:
         check = tokenizer is not None and data_cfg.check_tokenizer
+        content = getattr(data_cfg, "format", "auto")
         shard_set = open_shard_set(
             shards,
             manifest=data_cfg.manifest,
             tokenizer_name=tokenizer.name if check else None,
             tokenizer_hash=tokenizer.hash if check else None,
             on_corrupt=data_cfg.on_corrupt,
+            content=content,
         )
         if verify_checksums is None:
             verify_checksums = data_cfg.verify_checksums
         info = shard_set.manifest.tokenizer if shard_set.manifest else None
         self.eos_id = tokenizer.eos_id if tokenizer else (info.eos_id if info else None)
+        vocab_size = tokenizer.vocab_size if tokenizer else (info.vocab_size if info else None)
+        encoder = None
+        if tokenizer is not None and shard_set.content != "tokens":
+            encoder = TextEncoder.for_tokenizer(tokenizer, token_dtype(tokenizer.vocab_size))
+        unchecked = None
+        if shard_set.content == "auto" and check:
+            unchecked = (
+                f"data.shards {str(shards)[:120]!r} hold pre-tokenised (.npy) samples but no "
+                "manifest.json was found, so their tokenizer cannot be checked; set "
+                "data.manifest, or data.check_tokenizer=false"
+            )
         self._urls = shard_set.urls
         self._stream_args: dict[str, Any] = dict(
             dp_rank=dp_rank,
@@ -318,10 +369,22 @@ class RLPDataStream:
             manifest=shard_set.manifest,
             manifest_where=shard_set.manifest_where,
             verify_checksums=verify_checksums,
-            vocab_size=tokenizer.vocab_size if tokenizer else (info.vocab_size if info else None),
+            vocab_size=vocab_size,
             max_epochs=max_epochs,
+            content=shard_set.content,
+            text_key=getattr(data_cfg, "text_key", "text"),
+            encoder=encoder,
+            unchecked_tokens=unchecked,
         )
-        self._docs = DocumentStream(self._urls, stream_tag=0, **self._stream_args)
+        self._relay: Relay | None = None
+        if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+            self._relay = Relay(tp_group, device)
+        self._peer_stats: dict[str, int] = {}
+        self._peer_state: dict[str, Any] | None = None
+        reader = self._relay is None or self._relay.is_reader
+        self._docs = (
+            DocumentStream(self._urls, stream_tag=0, **self._stream_args) if reader else None
+        )
         self._ntp: DocumentStream | None = None
         self._contexts = ContextBuilder(
             target_tokens=target_tokens,
@@ -333,29 +396,78 @@ class RLPDataStream:
         )
         self._packer = SequencePacker(data_cfg.ntp_seq_len, self.eos_id)
 
+    # ----------------------------------------------------------------------------- batches
+
     def next_contexts(self, n: int) -> list[Context]:
         """The next ``n`` contexts (fewer only when ``max_epochs`` ends the stream)."""
+        if self._relay is None:
+            return self._read_contexts(n)
+        header, arrays = self._relay.share(
+            lambda: self._with_stats(pack_contexts(self._read_contexts(n)))
+        )
+        self._peer_stats = header["stats"]
+        return unpack_contexts(header, arrays)
+
+    def next_ntp_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)``, int64 ``[batch_size, data.ntp_seq_len]``."""
+        if self._relay is None:
+            inputs, labels = self._read_ntp(batch_size)
+        else:
+
+            def produce() -> tuple[dict[str, Any], list[np.ndarray]]:
+                x, y = self._read_ntp(batch_size)
+                windows = np.concatenate([x, y[:, -1:]], axis=1).astype(np.int32)
+                return self._with_stats(({}, [windows]))
+
+            header, (windows,) = self._relay.share(produce)
+            self._peer_stats = header["stats"]
+            windows = windows.astype(np.int64)
+            inputs, labels = windows[:, :-1].copy(), windows[:, 1:].copy()
+        return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+    def _read_contexts(self, n: int) -> list[Context]:
+        assert self._docs is not None
         try:
             return self._contexts.next_contexts(self._docs, n)
         except ValueError as exc:
             raise DataError(str(exc)) from None
 
-    def next_ntp_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, labels)``, int64 ``[batch_size, data.ntp_seq_len]``."""
+    def _read_ntp(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         if self.eos_id is None:
             raise DataError("packing NTP sequences needs an EOS id: pass tokenizer= or a manifest")
         if self._ntp is None:
             self._ntp = DocumentStream(self._urls, stream_tag=1, **self._stream_args)
-        inputs, labels = self._packer.next_batch(self._ntp, batch_size)
-        return torch.from_numpy(inputs), torch.from_numpy(labels)
+        return self._packer.next_batch(self._ntp_documents(self._ntp), batch_size)
+
+    @staticmethod
+    def _ntp_documents(stream: DocumentStream) -> Iterator[tuple[np.ndarray, tuple]]:
+        """``(tokens, origin)``: each document with the stream position before it."""
+        while True:
+            origin = stream.position()
+            yield next(stream).tokens, origin
+
+    def _with_stats(
+        self, payload: tuple[dict[str, Any], list[np.ndarray]]
+    ) -> tuple[dict[str, Any], list[np.ndarray]]:
+        header, arrays = payload
+        return dict(header, stats=self._local_stats()), arrays
+
+    # ----------------------------------------------------------------------------- cursor
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-data cursor (JSON-serialisable) for the checkpoint."""
+        """Plain-data cursor (JSON-serialisable) for the checkpoint; its size does not depend on
+        document length (the NTP part is a position, see :mod:`rlp.data.packing`)."""
+        if self._docs is None:  # a TP peer: the group's reader holds the cursor
+            return {"version": CURSOR_VERSION, "tp_peer": True}
+        ntp = None
+        if self._ntp is not None:
+            origin = self._packer.origin
+            ntp = self._ntp.state_dict(origin)  # origin None: nothing buffered, current position
         return {
             "version": CURSOR_VERSION,
             "rlp": self._docs.state_dict(),
             "contexts": self._contexts.state_dict(),
-            "ntp": None if self._ntp is None else self._ntp.state_dict(),
+            "ntp": ntp,
             "packer": self._packer.state_dict(),
         }
 
@@ -365,6 +477,13 @@ class RLPDataStream:
             raise DataError(
                 f"data cursor {str(state)[:80]!r} is empty or of another version; it must come "
                 "from RLPDataStream.state_dict() of this rlp version"
+            )
+        if self._docs is None:
+            return  # a TP peer reads nothing; the reader loads the group's cursor
+        if state.get("tp_peer"):
+            raise DataError(
+                "this data cursor was saved by a tensor-parallel peer that reads no data; load "
+                "the cursor of the TP group's first rank"
             )
         self._docs.load_state_dict(state["rlp"])
         self._contexts.load_state_dict(state["contexts"])
@@ -378,6 +497,12 @@ class RLPDataStream:
 
     def stats(self) -> dict[str, int]:
         """Counters for logging: epoch, documents, contexts, skips (both streams)."""
+        if self._docs is None:
+            return dict(self._peer_stats)
+        return self._local_stats()
+
+    def _local_stats(self) -> dict[str, int]:
+        assert self._docs is not None
         out = self._docs.stats()
         out["contexts"] = self._contexts.contexts
         out["short_documents"] = self._contexts.short_documents
@@ -390,6 +515,7 @@ class RLPDataStream:
 
     def close(self) -> None:
         """Stop worker processes."""
-        self._docs.close()
+        if self._docs is not None:
+            self._docs.close()
         if self._ntp is not None:
             self._ntp.close()

@@ -11,13 +11,24 @@ Modules and what they own:
 * :mod:`rlp.eval.aggregates`: pass@k, accuracy with Wilson CI, Math Avg (/5, /6, 4 sets), Science
   Avg, Overall.
 * :mod:`rlp.eval.runner`: the resumable evaluation loop around a ``generate_fn``.
-* :mod:`rlp.eval.generation`: ``load_generate_fn`` (backend dispatch; the transformers path).
-* :mod:`rlp.eval.megatron_generation`: generation through our Megatron model and KV-cache
-  sampler, from an HF directory or an rlp checkpoint, with tensor parallelism under torchrun.
-* :mod:`rlp.eval.report`: results JSON, Markdown summary, bar plot, A/B comparison.
+* :mod:`rlp.eval.journal`: the append-only JSON-lines journals it resumes from.
+* :mod:`rlp.eval.generation`: ``load_generate_fn`` (backend dispatch; the transformers path) and
+  the ``ChainModel`` interface (tokens, teacher-forced log-probs) of both backends.
+* :mod:`rlp.eval.megatron_generation`: generation and teacher forcing through our Megatron model
+  and KV-cache sampler, from an HF directory or an rlp checkpoint, with TP under torchrun.
+* :mod:`rlp.eval.chains`: reasoning / final-answer split, steps, truncation, filler, forced
+  answers in each benchmark's format.
+* :mod:`rlp.eval.probes`: faithfulness probes (truncate, filler, paraphrase; Lanham et al. 2023).
+* :mod:`rlp.eval.step_gain`: per-step information gain of the gold answer.
+* :mod:`rlp.eval.reasoning`: runs the probes and the step gain after generation (journals,
+  results sections).
+* :mod:`rlp.eval.report`: results JSON, Markdown summary, plots, A/B comparison.
+* :mod:`rlp.eval.lm_harness`: the lm-evaluation-harness model ``rlp`` (optional extra
+  ``lmeval``; imported only by ``rlp eval lm-eval``).
 
 Nothing here imports megatron directly (``megatron_generation`` goes through :mod:`rlp.model`);
-torch and transformers are imported lazily by the two generation modules only. The command-line
+torch and transformers are imported lazily by the two generation modules only, matplotlib by
+:mod:`rlp.eval.report` when it plots. The command-line
 entry point is ``rlp eval`` (:mod:`rlp.eval.command`), also ``python benchmarks/evaluate.py``.
 """
 

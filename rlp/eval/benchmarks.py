@@ -9,17 +9,18 @@ Data sources
 ------------
 * **Local (default).** ``<data_dir>/<folder>/test.jsonl`` with keys ``id``, ``question``,
   ``choices`` (multiple choice only), ``answer`` (final answer, or the gold letter for multiple
-  choice). This is the normalised layout of ``../shared/benchmarks`` (see its README). GPQA-Diamond
-  is read straight out of the password-protected ``gpqa_diamond/gpqa_diamond.zip`` (the password
-  the GPQA authors publish) and is never extracted to disk; a plain ``gpqa_diamond/test.jsonl``
-  is used instead when one exists.
+  choice). ``docs/evaluation.md`` ("Data") describes the layout and where each set comes from.
+  GPQA-Diamond is read straight out of the password-protected ``gpqa_diamond/gpqa_diamond.zip``
+  (the password the GPQA authors publish) and is never extracted to disk; a plain
+  ``gpqa_diamond/test.jsonl`` is used instead when one exists.
 * **Hugging Face hub (``--hf-datasets``, online only).** :func:`load_benchmark_hf` maps hub
   datasets onto the same schema with a lazy ``datasets`` import. It is a convenience for machines
   with internet access and is *not exercised by the offline test-suite*; field names are picked
   from a short list of known spellings and a clear error is raised if none is present.
 
 The data directory is resolved by :func:`resolve_data_dir`: explicit argument, then the
-``RLP_BENCHMARK_DIR`` environment variable, then ``../shared/benchmarks`` next to the repository.
+``RLP_BENCHMARK_DIR`` environment variable, then :func:`default_data_dir`
+(``$XDG_CACHE_HOME/rlp/benchmarks``, i.e. ``~/.cache/rlp/benchmarks`` by default).
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ DATA_DIR_ENV = "RLP_BENCHMARK_DIR"
 GPQA_ZIP_PASSWORD = b"deserted-untie-orchid"
 """Password the GPQA authors publish for their own zip; the bundled copy uses the same one."""
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "benchmarks"
-"""``../shared/benchmarks`` relative to the repository root."""
+
+def default_data_dir() -> Path:
+    """``$XDG_CACHE_HOME/rlp/benchmarks``, else ``~/.cache/rlp/benchmarks`` (the user's cache,
+    next to the models ``rlp convert`` writes); used when neither ``--data-dir`` nor
+    ``$RLP_BENCHMARK_DIR`` is given."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlp" / "benchmarks"
 
 
 class BenchmarkDataError(ValueError):
@@ -269,7 +273,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     elif os.environ.get(DATA_DIR_ENV):
         path, origin = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
     else:
-        path, origin = DEFAULT_DATA_DIR, "the default (../shared/benchmarks next to the repo)"
+        path, origin = default_data_dir(), "the default"
     path = path.expanduser()
     if not path.is_dir():
         raise BenchmarkDataError(

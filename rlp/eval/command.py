@@ -12,11 +12,19 @@ Examples::
     # tensor parallelism (megatron backend): one process per TP rank; rank 0 writes the outputs
     torchrun --nproc-per-node 2 benchmarks/evaluate.py --checkpoint M --tp 2 --out runs/eval/tp2
 
-    # side-by-side comparison of two finished evaluations
-    python benchmarks/evaluate.py --compare runs/eval/base/results.json runs/eval/rlp/results.json
+    # reasoning quality: faithfulness probes and step information gain after generation
+    python benchmarks/evaluate.py --checkpoint M --benchmarks gsm8k,math500 --limit 20 \
+        --num-samples 4 --probes truncate,filler --step-info-gain --out runs/eval/reasoning
 
-An interrupted run resumes from ``<out>/items.jsonl`` when re-run with the same ``--out`` and
-settings. See docs/evaluation.md for prompts, scoring and aggregate conventions.
+    # side-by-side comparison of two finished evaluations (+ comparison.png with --out)
+    python benchmarks/evaluate.py --compare runs/eval/base runs/eval/rlp --out runs/eval/ab
+
+    # lm-evaluation-harness with our model (needs the lmeval extra)
+    rlp eval lm-eval --model rlp --model_args checkpoint=M --tasks TASK
+
+An interrupted run resumes from ``<out>/items.jsonl`` (and the probe journals) when re-run with
+the same ``--out`` and settings. See docs/evaluation.md for prompts, scoring, the probes and
+aggregate conventions.
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ import sys
 from pathlib import Path
 
 from rlp.eval.benchmarks import (
-    DATA_DIR_ENV,
     REGISTRY,
     BenchmarkDataError,
     load_benchmark,
@@ -35,7 +42,9 @@ from rlp.eval.benchmarks import (
     resolve_data_dir,
 )
 from rlp.eval.generation import BACKENDS, resolve_backend
-from rlp.eval.report import compare_results, load_results, render_markdown
+from rlp.eval.probes import PROBES, ProbeSettings
+from rlp.eval.reasoning import ReasoningSettings
+from rlp.eval.report import compare_results, load_results, plot_comparison, render_markdown
 from rlp.eval.runner import (
     EvalSettings,
     ResumeMismatchError,
@@ -43,6 +52,8 @@ from rlp.eval.runner import (
     evaluate,
     load_generate_fn,
 )
+from rlp.eval.step_gain import StepGainSettings
+from rlp.options import add_fields, build, parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,36 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated names or 'all' (the 8 paper sets) or 'all+extra'; "
         f"valid: {', '.join(REGISTRY)}",
     )
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help=f"benchmark data root (default: ${DATA_DIR_ENV} or ../shared/benchmarks "
-        "next to the repository)",
-    )
-    p.add_argument(
-        "--hf-datasets",
-        action="store_true",
-        help="load test sets from the Hugging Face hub instead (needs internet and "
-        "the 'datasets' package)",
-    )
-    p.add_argument(
-        "--num-samples",
-        type=int,
-        default=None,
-        help="samples per item for sampled runs (default: 8 math, 4 science)",
-    )
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help="temperature of sampled runs (default 0.6); 0 = greedy everywhere",
-    )
-    p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="evaluate a fixed random subset of this many items per benchmark",
+    # Generation and scoring settings: flags (and key=value words) from EvalSettings' fields.
+    add_fields(
+        p,
+        EvalSettings,
+        names={"use_hf": ["--hf-datasets"], "verify_timeout_s": ["--verify-timeout"]},
+        skip=("stop_strings",),
     )
     p.add_argument(
         "--backend",
@@ -109,28 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun --nproc-per-node N benchmarks/evaluate.py ...",
     )
     p.add_argument(
-        "--few-shot",
-        type=int,
-        default=0,
-        help="exemplars per prompt (0 = zero-shot chain of thought)",
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
         "--out",
         default=None,
         help="output directory (default runs/eval/<checkpoint name>); re-running "
         "with the same directory resumes",
     )
     p.add_argument("--label", default=None, help="name shown in reports (default: checkpoint)")
-    p.add_argument(
-        "--verify-timeout",
-        type=float,
-        default=10.0,
-        help="seconds per math-verify check; a timeout counts as incorrect",
-    )
-    p.add_argument("--verify-workers", type=int, default=2, help="math-verify worker processes")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    p.add_argument(
+        "--probes",
+        default="",
+        help=f"faithfulness probes after generation, comma-separated from {','.join(PROBES)} "
+        "(paraphrase needs --paraphraser)",
+    )
+    p.add_argument(
+        "--paraphraser",
+        default=None,
+        help="Hugging Face model directory that paraphrases chains for the paraphrase probe "
+        "(transformers backend, on rank 0)",
+    )
+    p.add_argument(
+        "--step-info-gain",
+        action="store_true",
+        help="per-step information gain of the chains (math benchmarks)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=StepGainSettings.max_steps,
+        help="steps per chain for --step-info-gain (more are merged into this many)",
+    )
     p.add_argument(
         "--compare",
         nargs=2,
@@ -153,8 +148,30 @@ def _list_benchmarks() -> str:
     return "\n".join(rows)
 
 
+def _reasoning_settings(args: argparse.Namespace, benchmarks: list[str]) -> ReasoningSettings:
+    """--probes / --paraphraser / --step-info-gain / --max-steps, checked."""
+    probes = tuple(p.strip() for p in args.probes.split(",") if p.strip())
+    if "paraphrase" in probes and not args.paraphraser:
+        raise ValueError("--probes paraphrase needs --paraphraser DIR (a Hugging Face model)")
+    if args.paraphraser and "paraphrase" not in probes:
+        raise ValueError("--paraphraser is used only by the paraphrase probe; add it to --probes")
+    if args.step_info_gain and not any(REGISTRY[b].kind == "math" for b in benchmarks):
+        raise ValueError("--step-info-gain needs a math benchmark (it scores the gold answer)")
+    return ReasoningSettings(
+        probes=ProbeSettings(probes=probes),
+        step_info_gain=args.step_info_gain,
+        step_gain=StepGainSettings(max_steps=args.max_steps),
+        paraphraser=args.paraphraser,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "lm-eval":
+        from rlp.eval.lm_harness import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
+    args = parse(build_parser(), argv)  # flags or key=value (rlp.options)
     rank = _launch_rank()
     # Under torchrun only rank 0 talks; the other ranks just generate.
     logging.basicConfig(
@@ -177,25 +194,17 @@ def main(argv: list[str] | None = None) -> int:
                 out = Path(args.out)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "comparison.md").write_text(text, encoding="utf-8")
+                plot_comparison(a, b, out / "comparison.png")
+                print(f"comparison written to {out}/ (comparison.md, comparison.png)")
             return 0
         if not args.checkpoint:
             raise ValueError("--checkpoint is required (or use --compare A.json B.json)")
         _check_parallel_args(args)
+        _check_positions(args.checkpoint, args.max_new_tokens)  # before any data or model loads
         benchmarks = parse_benchmark_list(args.benchmarks)
-        settings = EvalSettings(
-            num_samples=args.num_samples,
-            temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens,
-            limit=args.limit,
-            few_shot=args.few_shot,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            data_dir=args.data_dir,
-            use_hf=args.hf_datasets,
-            verify_timeout_s=args.verify_timeout,
-            verify_workers=args.verify_workers,
-        )
-        if not args.hf_datasets:
+        reasoning = _reasoning_settings(args, benchmarks)
+        settings = build(EvalSettings, args)
+        if not settings.use_hf:
             settings.data_dir = str(resolve_data_dir(args.data_dir))
             for name in benchmarks:  # fail on missing/malformed data before loading a model
                 load_benchmark(name, settings.data_dir, limit=args.limit)
@@ -220,6 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         return code
     code = 1  # what the followers are told if evaluate() raises
     try:
+        paraphraser = None
+        if reasoning.paraphraser:
+            # One process, on the leader's device: the followers never see it.
+            try:
+                paraphraser = load_generate_fn(
+                    reasoning.paraphraser, 1, args.batch_size, args.seed, backend="hf"
+                )
+            except (FileNotFoundError, ValueError) as exc:
+                code = _user_error(f"--paraphraser: {exc}")
+                return code
         results = evaluate(
             generate_fn,
             benchmarks,
@@ -228,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             label=args.label or Path(args.checkpoint).name,
             checkpoint=str(args.checkpoint),
             progress=not args.no_progress,
+            reasoning=reasoning,
+            paraphraser=paraphraser,
         )
         code = 0
     except (BenchmarkDataError, ResumeMismatchError) as exc:
@@ -238,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             generate_fn.close(code)
             generate_fn.teardown()
     print(render_markdown(results))
-    print(f"results written to {out}/ (results.json, summary.md, accuracy.png, items.jsonl)")
+    print(f"results written to {out}/ (results.json, summary.md, *.png, *.jsonl)")
     return 0
 
 
@@ -275,7 +296,38 @@ def _check_parallel_args(args: argparse.Namespace) -> None:
     check_launch(args.tp)  # the launch must have exactly --tp processes
 
 
-def _user_error(exc: BaseException) -> int:
+def _model_positions(checkpoint: str) -> int | None:
+    """``max_position_embeddings`` from the checkpoint's own config file (HF ``config.json``, or
+    an rlp checkpoint's ``config.yaml``; a checkpoints root means its newest step), read without
+    loading anything; None when it cannot be read here (the model's own check still applies)."""
+    import json
+
+    import yaml
+
+    path = Path(checkpoint)
+    if (path / "config.json").is_file():
+        raw = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+        return raw if isinstance(raw, int) else None
+    steps = sorted(path.glob("step_*/config.yaml")) if not (path / "config.yaml").is_file() else []
+    cfg_file = path / "config.yaml" if not steps else steps[-1]
+    if not cfg_file.is_file():
+        return None
+    raw = ((yaml.safe_load(cfg_file.read_text()) or {}).get("model") or {}).get(
+        "max_position_embeddings"
+    )
+    return raw if isinstance(raw, int) else None
+
+
+def _check_positions(checkpoint: str, max_new_tokens: int) -> None:
+    positions = _model_positions(checkpoint)
+    if positions is not None and max_new_tokens >= positions:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} does not fit the model's {positions} positions "
+            f"(max_position_embeddings of {checkpoint}) with room for a prompt; lower it"
+        )
+
+
+def _user_error(exc: BaseException | str) -> int:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
     print(f"error: {msg}", file=sys.stderr)
     return 2

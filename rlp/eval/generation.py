@@ -16,6 +16,10 @@ set's stop strings. It runs on CUDA when available (bf16) and on CPU otherwise (
 The Megatron backend (rlp's own model and KV-cache sampler, tensor parallelism, HF directories
 and rlp checkpoints) lives in :mod:`rlp.eval.megatron_generation`; :func:`load_generate_fn`
 dispatches between the two (``backend="hf" | "megatron" | "auto"``).
+
+Both generators also implement :class:`ChainModel` (tokenization, teacher-forced log-probs,
+greedy tokens), which the faithfulness probes, the step information gain and the lm-eval
+adapter use. The HF path scores with one forward and an fp32 ``log_softmax`` over its logits.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from rlp.eval.prompts import STOP_STRINGS, truncate_at_stop
 
@@ -31,6 +35,38 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from rlp.eval.megatron_generation import MegatronGenerator
 
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class ChainModel(Protocol):
+    """What the reasoning-quality measurements and the lm-eval adapter need from a loaded model.
+
+    Both backends provide it (:class:`HFGenerator`, :class:`rlp.eval.megatron_generation.
+    MegatronGenerator`): the ``generate_fn`` contract with optional per-call ``stop_strings``,
+    tokenization as the generator tokenizes, and teacher-forced log-probs / greedy tokens of
+    token sequences (``len(seq) - 1`` values each, for positions ``1..len-1``).
+    """
+
+    max_positions: int | None
+
+    def __call__(
+        self,
+        prompts: list[str],
+        num_samples: int,
+        temperature: float,
+        max_new_tokens: int,
+        seed: int,
+        *,
+        stop_strings: Sequence[str] | None = None,
+    ) -> list[list[str]]: ...
+
+    def encode(self, text: str, *, special: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]: ...
+
+    def argmax(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]: ...
 
 
 class HFGenerator:
@@ -83,9 +119,14 @@ class HFGenerator:
         temperature: float,
         max_new_tokens: int,
         seed: int,
+        *,
+        stop_strings: Sequence[str] | None = None,
     ) -> list[list[str]]:
+        """The ``generate_fn`` contract; ``stop_strings`` replaces the generator's stop strings
+        for this call (``None``: the ones it was built with)."""
         import torch
 
+        stops = self.stop_strings if stop_strings is None else tuple(stop_strings)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if temperature < 0:
@@ -99,7 +140,11 @@ class HFGenerator:
         for start in range(0, len(sequences), self.batch_size):
             texts.extend(
                 self._generate_chunk(
-                    sequences[start : start + self.batch_size], greedy, temperature, max_new_tokens
+                    sequences[start : start + self.batch_size],
+                    greedy,
+                    temperature,
+                    max_new_tokens,
+                    stops,
                 )
             )
         out: list[list[str]] = []
@@ -109,7 +154,12 @@ class HFGenerator:
         return out
 
     def _generate_chunk(
-        self, prompts: list[str], greedy: bool, temperature: float, max_new_tokens: int
+        self,
+        prompts: list[str],
+        greedy: bool,
+        temperature: float,
+        max_new_tokens: int,
+        stops: tuple[str, ...],
     ) -> list[str]:
         import torch
         from transformers import GenerationConfig
@@ -153,7 +203,7 @@ class HFGenerator:
             no_repeat_ngram_size=0,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_token_id,
-            stop_strings=list(self.stop_strings) or None,
+            stop_strings=list(stops) or None,
             **sampling,
         )
         with torch.inference_mode():
@@ -162,7 +212,60 @@ class HFGenerator:
             )
         new_tokens = generated[:, enc["input_ids"].shape[1] :]
         decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [truncate_at_stop(t, self.stop_strings) for t in decoded]
+        return [truncate_at_stop(t, stops) for t in decoded]
+
+    # ------------------------------------------------------------------ tokens, teacher forcing
+
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special=True`` adds what ``tokenizer(text)`` adds (BOS)."""
+        return [int(t) for t in self.tokenizer(text, add_special_tokens=special)["input_ids"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (special tokens skipped, as completions are decoded)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Teacher-forced ``log p(seq[j + 1] | seq[: j + 1])`` per sequence (``len - 1`` values):
+        fp32 ``log_softmax`` of the model's logits."""
+        return [lp for lp, _ in self._forward(sequences)]
+
+    def argmax(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The greedy next token after every prefix ``seq[: j + 1]`` (``len - 1`` ids)."""
+        return [best for _, best in self._forward(sequences)]
+
+    def _forward(self, sequences: Sequence[Sequence[int]]) -> list[tuple[list[float], list[int]]]:
+        import torch
+
+        seqs = [[int(t) for t in seq] for seq in sequences]
+        for i, seq in enumerate(seqs):
+            if len(seq) < 2:
+                raise ValueError(f"sequence {i} has {len(seq)} tokens; scoring needs >= 2")
+            if self.max_positions is not None and len(seq) > self.max_positions + 1:
+                raise ValueError(
+                    f"sequence {i} has {len(seq)} tokens; the model reads at most "
+                    f"{self.max_positions} (plus the last, predicted one); cut it first"
+                )
+        out: list[tuple[list[float], list[int]]] = [([], []) for _ in seqs]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = len(seqs[rows[0]])
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[r, : len(seqs[i])] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            target = logp.gather(-1, ids[:, 1:, None])[..., 0]
+            best = logits[:, :-1].argmax(dim=-1)
+            for r, i in enumerate(rows):
+                n = len(seqs[i]) - 1
+                out[i] = (target[r, :n].double().tolist(), best[r, :n].tolist())
+        return out
 
 
 BACKENDS = ("auto", "megatron", "hf")
@@ -192,6 +295,7 @@ def load_generate_fn(
     top_p: float = 1.0,
     backend: str = "hf",
     max_batch_rows: int | None = None,
+    score_tokens: int = 4096,
 ) -> HFGenerator | MegatronGenerator:
     """Build the runner's ``generate_fn`` from a checkpoint with the chosen ``backend``.
 
@@ -201,8 +305,10 @@ def load_generate_fn(
     rlp checkpoint through rlp's model and sampler
     (:func:`rlp.eval.megatron_generation.load_megatron_generate_fn`), with ``tp`` ranks
     (``torchrun --nproc-per-node tp``); all prompts of a call are decoded together, at most
-    ``max_batch_rows`` rows at a time (``batch_size`` is not used). ``backend="auto"``: megatron
-    when megatron-core imports, else hf.
+    ``max_batch_rows`` rows at a time (``batch_size`` is not used), and teacher-forced scoring
+    holds at most ``score_tokens`` padded tokens per forward (the hf backend scores
+    ``batch_size`` sequences per forward). ``backend="auto"``: megatron when megatron-core
+    imports, else hf.
 
     ``seed`` seeds torch before loading; every generate call then samples with its own seed.
     ``device`` defaults to ``cuda`` when available, else ``cpu``; ``dtype`` to ``bfloat16`` on
@@ -220,6 +326,7 @@ def load_generate_fn(
             stop_strings=stop_strings,
             top_p=top_p,
             max_batch_rows=max_batch_rows,
+            score_tokens=score_tokens,
         )
     return _load_hf_generate_fn(
         checkpoint,

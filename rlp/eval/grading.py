@@ -26,8 +26,8 @@ a single number), a trailing unit after a number (``5.4 \text{ cents}``, ``6.5 \
 Equivalence: identical normalised strings are correct at once; otherwise math-verify 0.9.0
 decides with ``verify(parse(gold), parse(pred))`` (**gold first**), both wrapped as
 ``$\boxed{...}$`` so its LaTeX extractor sees them. math-verify's own timeouts use
-``signal.alarm``, which fails off the main thread (and a swallowed ``ValueError`` silently scores
-everything 0, see docs/environment.md §6). So we call it with ``parsing_timeout=None`` and
+``signal.alarm``, which fails off the main thread (and a swallowed ``ValueError`` there silently
+scores everything 0). So we call it with ``parsing_timeout=None`` and
 ``timeout_seconds=None`` and enforce our own limit in :class:`MathVerifier`: a small pool of
 worker *processes*; a pair that runs past ``timeout_s`` gets its worker killed and replaced and is
 recorded as ``timeout`` (counted incorrect). Exceptions inside math-verify are recorded as
@@ -73,13 +73,20 @@ _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 @dataclass(frozen=True)
 class Extraction:
-    """An extracted answer (``None`` when nothing was found) and the rule that found it."""
+    """An extracted answer (``None`` when nothing was found) and the rule that found it.
+
+    ``start`` is the index in the completion where the matched answer statement begins (the
+    ``\\boxed``, "the answer is", ``####``, the number or the letter pattern); ``None`` when
+    nothing was found. :mod:`rlp.eval.chains` cuts the reasoning before it. It takes no part
+    in equality.
+    """
 
     answer: str | None
     method: str
+    start: int | None = field(default=None, compare=False)
 
 
-def _match_brace(text: str, open_idx: int) -> int | None:
+def match_brace(text: str, open_idx: int) -> int | None:
     """Index of the ``}`` closing the ``{`` at ``open_idx`` (``None`` if unbalanced)."""
     depth = 0
     i = open_idx
@@ -100,9 +107,15 @@ def _match_brace(text: str, open_idx: int) -> int | None:
 
 def find_last_boxed(text: str) -> str | None:
     r"""Content of the last complete ``\boxed{...}`` / ``\fbox{...}`` (or ``\boxed x``)."""
+    found = _last_boxed(text)
+    return None if found is None else found[1]
+
+
+def _last_boxed(text: str) -> tuple[int, str] | None:
+    """(start index, content) of the last complete box, nested ``\\boxed{\\boxed{x}}`` unwrapped."""
     best: tuple[int, str] | None = None
     for m in _BOX_START.finditer(text):
-        close = _match_brace(text, m.end() - 1)
+        close = match_brace(text, m.end() - 1)
         if close is None:
             continue
         content = text[m.end() : close]
@@ -116,9 +129,10 @@ def find_last_boxed(text: str) -> str | None:
     content = best[1].strip()
     # \boxed{\boxed{5}} -> 5
     inner = _BOX_START.match(content)
-    if inner and _match_brace(content, inner.end() - 1) == len(content) - 1:
-        return find_last_boxed(content)
-    return content
+    if inner and match_brace(content, inner.end() - 1) == len(content) - 1:
+        nested = find_last_boxed(content)
+        return None if nested is None else (best[0], nested)
+    return best[0], content
 
 
 def _clean_answer_segment(segment: str) -> str:
@@ -133,23 +147,23 @@ def _clean_answer_segment(segment: str) -> str:
 
 def extract_math_answer(text: str, *, allow_last_number: bool = True) -> Extraction:
     """Extract the final answer of a math completion (see the module docstring for the order)."""
-    boxed = find_last_boxed(text)
-    if boxed:
-        return Extraction(boxed, "boxed")
+    boxed = _last_boxed(text)
+    if boxed and boxed[1]:
+        return Extraction(boxed[1], "boxed", boxed[0])
     matches = list(_ANSWER_IS.finditer(text))
     for m in reversed(matches):
         seg = _clean_answer_segment(m.group(1))
         if seg:
-            return Extraction(seg, "answer_is")
+            return Extraction(seg, "answer_is", m.start())
     hashes = list(_HASHES.finditer(text))
     if hashes:
         seg = hashes[-1].group(1).strip()
         if seg:
-            return Extraction(seg, "hashes")
+            return Extraction(seg, "hashes", hashes[-1].start())
     if allow_last_number:
-        numbers = _NUMBER.findall(text)
+        numbers = list(_NUMBER.finditer(text))
         if numbers:
-            return Extraction(numbers[-1], "last_number")
+            return Extraction(numbers[-1].group(0), "last_number", numbers[-1].start())
     return Extraction(None, "none")
 
 
@@ -168,7 +182,7 @@ _FUNCS = re.compile(r"(?<![\\A-Za-z])(arcsin|arccos|arctan|sin|cos|tan|log|ln|ex
 def _strip_trailing_macro(s: str) -> str:
     """Drop a trailing ``\\text{unit}`` (or ``\\mathrm{...}``) when what precedes is a number."""
     for m in reversed(list(_TEXT_MACRO.finditer(s))):
-        close = _match_brace(s, m.end() - 1)
+        close = match_brace(s, m.end() - 1)
         if close is None or close != len(s) - 1:
             continue
         head = s[: m.start()].strip()
@@ -184,7 +198,7 @@ def _unwrap_text_macros(s: str) -> str:
         m = _TEXT_MACRO.search(out)
         if not m:
             return out
-        close = _match_brace(out, m.end() - 1)
+        close = match_brace(out, m.end() - 1)
         if close is None:
             return out
         out = out[: m.start()] + out[m.end() : close] + out[close + 1 :]
@@ -489,28 +503,29 @@ def extract_choice_letter(
         raise ValueError("extract_choice_letter needs the item's valid letters (e.g. 'ABCD')")
     valid = set(valid_letters.upper())
     for method, pattern in _MC_PATTERNS:
-        found = [m.group(1) for m in pattern.finditer(text) if m.group(1) in valid]
+        found = [m for m in pattern.finditer(text) if m.group(1) in valid]
         if found:
-            return Extraction(found[-1], method)
+            return Extraction(found[-1].group(1), method, found[-1].start())
     if choices:
         return _match_choice_text(text, choices, valid_letters)
     return Extraction(None, "none")
 
 
 def _match_choice_text(text: str, choices: Sequence[str], valid_letters: str) -> Extraction:
-    candidates: list[str] = []
+    candidates: list[tuple[str, int]] = []
     m = list(re.finditer(r"answer\s*(?:is|:)\s*(.+)", text, re.IGNORECASE))
     if m:
-        candidates.append(_clean_answer_segment(m[-1].group(1)))
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        candidates.append((_clean_answer_segment(m[-1].group(1)), m[-1].start()))
+    stripped = text.rstrip()
+    lines = [ln for ln in stripped.splitlines() if ln.strip()]
     if lines:
-        candidates.append(lines[-1])
+        candidates.append((lines[-1], stripped.rfind(lines[-1])))
     normed = [_norm_choice_text(c) for c in choices]
-    for cand in candidates:
+    for cand, start in candidates:
         c = _norm_choice_text(cand)
         hits = [i for i, n in enumerate(normed) if n and n == c]
         if len(hits) == 1 and valid_letters[hits[0]]:
-            return Extraction(valid_letters[hits[0]], "choice_text")
+            return Extraction(valid_letters[hits[0]], "choice_text", start)
     return Extraction(None, "none")
 
 

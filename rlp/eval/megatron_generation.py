@@ -6,8 +6,8 @@ see :mod:`rlp.eval.runner`): :func:`load_megatron_generate_fn` builds a
 :class:`MegatronGenerator` from
 
 * a **Hugging Face model directory** (``config.json`` ->
-  :func:`rlp.model.convert.hf_to_model_config` -> :func:`rlp.model.build.build_model` ->
-  :func:`rlp.model.convert.load_hf_into_model`), or
+  :func:`rlp.model.hf_mapping.hf_to_model_config` -> :func:`rlp.model.build.build_model` ->
+  :func:`rlp.model.hf_bridge.load_hf_into_model`), or
 * an **rlp checkpoint** (a step directory or a checkpoints root: its newest complete step). The
   model config comes from the checkpoint's ``metadata.json`` (else its ``config.yaml``), the
   tokenizer from its ``tokenizer/`` directory (else ``tokenizer.path`` of ``config.yaml``), and the
@@ -49,6 +49,14 @@ files. The world size must equal ``tp`` (one model replica).
 
 Randomness: the sampler draws from a generator seeded by the batch seed and its bucket, so equal
 calls give equal outputs and TP=1 and TP=2 draw the same samples.
+
+Teacher forcing (for the reasoning-quality measurements and the lm-evaluation-harness adapter):
+:meth:`MegatronGenerator.score` returns per-token log-probs of given token sequences through the
+library's :func:`rlp.model.logprobs.score_sequences` (vocab-parallel cross entropy, no gathered
+logits), :meth:`MegatronGenerator.argmax` the greedy next token at every position (logits
+gathered over TP, as the sampler does). Both are requests of the same leader/follower protocol,
+so they work under TP; micro-batches hold at most ``score_tokens`` padded tokens. ``__call__``
+takes optional per-call ``stop_strings`` (lm-eval's ``until``).
 """
 
 from __future__ import annotations
@@ -152,9 +160,11 @@ class MegatronGenerator:
     unpadded vocabulary (prompt ids at or above it are refused), ``max_positions`` the model's
     position limit and ``eos_ids`` every id that ends a completion. ``max_batch_rows`` caps the
     rows decoded together (None = all rows of a call); ``bucket_gap`` is the prompt length gap
-    that splits a call into separate decode batches (None = the call's ``max_new_tokens``). With
-    ``world_size > 1`` the leader (``rank == 0``) is called and the other ranks run
-    :meth:`serve` (see the module docstring).
+    that splits a call into separate decode batches (None = the call's ``max_new_tokens``).
+    ``score_tokens`` bounds the padded tokens of one teacher-forced forward in :meth:`score` /
+    :meth:`argmax` (the logits of that many tokens are held at once). With ``world_size > 1``
+    the leader (``rank == 0``) is called and the other ranks run :meth:`serve` (see the module
+    docstring).
     """
 
     def __init__(
@@ -169,6 +179,7 @@ class MegatronGenerator:
         top_p: float = 1.0,
         max_batch_rows: int | None = None,
         bucket_gap: int | None = None,
+        score_tokens: int = 4096,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -193,11 +204,11 @@ class MegatronGenerator:
         self.rank = rank
         self.world_size = world_size
         self._closed = False
-        self.token_stops = token_stop_sequences(
-            lambda s: list(self.hf_tokenizer.encode(s, add_special_tokens=False)),
-            lambda ids: self.hf_tokenizer.decode(ids),
-            self.stop_strings,
-        )
+        if score_tokens < 1:
+            raise ValueError(f"score_tokens must be >= 1, got {score_tokens}")
+        self.score_tokens = score_tokens
+        self._stop_cache: dict[tuple[str, ...], list[list[int]]] = {}
+        self.token_stops = self._token_stops_for(self.stop_strings)
         model.eval()
 
     @property
@@ -214,7 +225,11 @@ class MegatronGenerator:
         temperature: float,
         max_new_tokens: int,
         seed: int,
+        *,
+        stop_strings: Sequence[str] | None = None,
     ) -> list[list[str]]:
+        """The ``generate_fn`` contract; ``stop_strings`` replaces the generator's stop strings
+        for this call (``None``: the ones it was built with)."""
         if not self.is_leader:
             raise RuntimeError(
                 f"rank {self.rank} is a follower: only rank 0 calls the generator, the other "
@@ -234,13 +249,13 @@ class MegatronGenerator:
         per_prompt = 1 if greedy else num_samples  # greedy samples are identical
         # Tokenized (and checked) here, so the followers only ever see valid sampler calls.
         ids = self.encode_prompts(prompts, max_new_tokens)
+        stops = self.stop_strings if stop_strings is None else tuple(stop_strings)
         args = (ids, per_prompt, float(temperature), int(max_new_tokens), int(seed))
-        self._broadcast(("generate", args))
-        sequences = self._sample(*args)
+        payload = (args, self._token_stops_for(stops))
+        self._broadcast(("generate", payload))
+        sequences = self._generate_ids(*payload)
         texts = [
-            truncate_at_stop(
-                self.hf_tokenizer.decode(seq, skip_special_tokens=True), self.stop_strings
-            )
+            truncate_at_stop(self.hf_tokenizer.decode(seq, skip_special_tokens=True), stops)
             for seq in sequences
         ]
         out = []
@@ -250,7 +265,8 @@ class MegatronGenerator:
         return out
 
     def serve(self) -> int:
-        """Follower loop: generate what the leader asks until it closes; returns its exit code."""
+        """Follower loop: run what the leader asks (generate, score, argmax) until it closes;
+        returns the leader's exit code."""
         if self.is_leader:
             raise RuntimeError("serve() runs on the follower ranks (rank != 0) only")
         while True:
@@ -258,7 +274,14 @@ class MegatronGenerator:
             if kind == "stop":
                 self._closed = True
                 return int(payload)
-            self._sample(*payload)
+            if kind == "generate":
+                self._generate_ids(*payload)
+            elif kind == "score":
+                self._score(payload)
+            elif kind == "argmax":
+                self._argmax(payload)
+            else:
+                raise RuntimeError(f"unknown request {kind!r} from the leader")
 
     def close(self, exit_code: int = 0) -> None:
         """Leader: release the followers from :meth:`serve` (they return ``exit_code``).
@@ -276,7 +299,118 @@ class MegatronGenerator:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    # ------------------------------------------------------------------ tokens
+
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special=True`` adds what ``tokenizer(text)`` adds (BOS)."""
+        return [int(t) for t in self.hf_tokenizer(text, add_special_tokens=special)["input_ids"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (special tokens skipped, as completions are decoded)."""
+        return self.hf_tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ teacher forcing
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Teacher-forced ``log p(seq[j + 1] | seq[: j + 1])`` per sequence (``len - 1`` values),
+        through :func:`rlp.model.logprobs.score_sequences` (collective over TP)."""
+        seqs = self._checked_sequences(sequences)
+        self._broadcast(("score", seqs))
+        return self._score(seqs)
+
+    def argmax(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The greedy next token after every prefix ``seq[: j + 1]`` (``len - 1`` ids per
+        sequence), from the TP-gathered logits (collective over TP)."""
+        seqs = self._checked_sequences(sequences)
+        self._broadcast(("argmax", seqs))
+        return self._argmax(seqs)
+
+    def _checked_sequences(self, sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+        if not self.is_leader:
+            raise RuntimeError(f"rank {self.rank} is a follower: only rank 0 calls score()")
+        if self._closed:
+            raise RuntimeError("this MegatronGenerator was closed; load a new one")
+        seqs = [[int(t) for t in seq] for seq in sequences]
+        for i, seq in enumerate(seqs):
+            if len(seq) < 2:
+                raise ValueError(f"sequence {i} has {len(seq)} tokens; scoring needs >= 2")
+            if len(seq) > self.max_positions + 1:
+                raise ValueError(
+                    f"sequence {i} has {len(seq)} tokens; the model reads at most "
+                    f"{self.max_positions} (plus the last, predicted one); cut it first"
+                )
+            if max(seq) >= self.vocab_size or min(seq) < 0:
+                raise ValueError(f"sequence {i} has ids outside the {self.vocab_size}-token vocab")
+        return seqs
+
+    def _micro_batches(self, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Indices of ``seqs``, longest first, in groups of at most ``score_tokens`` padded
+        tokens (at least one row each)."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and (len(groups[-1]) + 1) * len(seqs[groups[-1][0]]) <= self.score_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def _score(self, seqs: list[list[int]]) -> list[list[float]]:
+        from rlp.model.logprobs import score_sequences
+
+        device = next(self.model.parameters()).device
+        out: list[list[float]] = [[] for _ in seqs]
+        with torch.no_grad():
+            for group in self._micro_batches(seqs):
+                logps = score_sequences(
+                    self.model,
+                    [seqs[i] for i in group],
+                    micro_batch=len(group),
+                    pad_id=self.tokenizer.pad_id,
+                    device=device,
+                )
+                for i, lp in zip(group, logps):
+                    out[i] = lp.double().tolist()
+        return out
+
+    def _argmax(self, seqs: list[list[int]]) -> list[list[int]]:
+        from rlp.model.logprobs import pad_sequences
+
+        device = next(self.model.parameters()).device
+        out: list[list[int]] = [[] for _ in seqs]
+        with torch.no_grad():
+            for group in self._micro_batches(seqs):
+                inputs, _, _ = pad_sequences(
+                    [seqs[i] for i in group], self.tokenizer.pad_id, device
+                )
+                b, s = inputs.shape
+                pos = torch.arange(s, device=device).expand(b, s)
+                logits = self.model(inputs, pos, None, runtime_gather_output=True)  # [b, s, V]
+                best = logits.argmax(dim=-1).tolist()
+                for row, i in enumerate(group):
+                    out[i] = best[row][: len(seqs[i]) - 1]
+        return out
+
     # ------------------------------------------------------------------ generation
+
+    def _token_stops_for(self, stop_strings: tuple[str, ...]) -> list[list[int]]:
+        """Token stop sequences of ``stop_strings`` (cached per tuple)."""
+        if stop_strings not in self._stop_cache:
+            self._stop_cache[stop_strings] = token_stop_sequences(
+                lambda s: list(self.hf_tokenizer.encode(s, add_special_tokens=False)),
+                lambda ids: self.hf_tokenizer.decode(ids),
+                stop_strings,
+            )
+        return self._stop_cache[stop_strings]
+
+    def _generate_ids(self, args: tuple[Any, ...], token_stops: list[list[int]]) -> list[list[int]]:
+        """:meth:`_sample` with this call's token stop sequences (same on every rank)."""
+        saved = self.token_stops
+        self.token_stops = token_stops
+        try:
+            return self._sample(*args)
+        finally:
+            self.token_stops = saved
 
     def encode_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
         """Prompt ids as the HF path builds them (special tokens added, cut from the left to
@@ -321,7 +455,8 @@ class MegatronGenerator:
         seed: int,
     ) -> list[list[int]]:
         """Generated ids of ``per_prompt`` rows per prompt, prompt-major (collective over TP)."""
-        from rlp.model.sampler import Sampler, SamplingParams
+        from rlp.model.engine import build_engine
+        from rlp.model.sampler import SamplingParams
 
         greedy = temperature == 0
         params = SamplingParams(
@@ -336,11 +471,13 @@ class MegatronGenerator:
         gap = max_new_tokens if self.bucket_gap is None else self.bucket_gap
         lengths = [len(x) for x in ids]
         sequences: list[list[int]] = [[] for _ in range(len(ids) * per_prompt)]
+        engine = build_engine(
+            self.model, max_batch_rows=self.max_batch_rows, max_prompt_spread=max(lengths)
+        )
         for g, group in enumerate(split_at_gaps(lengths, gap)):
             # Within a group every prompt shares one decode loop (rows permitting).
-            sampler = Sampler(max_batch_rows=self.max_batch_rows, max_prompt_spread=max(lengths))
-            batch = sampler.sample(
-                self.model, [ids[i] for i in group], per_prompt, params, _group_seed(seed, g)
+            batch = engine.generate(
+                [ids[i] for i in group], per_prompt, params, _group_seed(seed, g)
             )
             for row, seq in enumerate(batch.sequences()):
                 p, k = divmod(row, per_prompt)
@@ -433,6 +570,7 @@ def load_megatron_generate_fn(
     top_p: float = 1.0,
     max_batch_rows: int | None = None,
     bucket_gap: int | None = None,
+    score_tokens: int = 4096,
 ) -> MegatronGenerator:
     """Build a :class:`MegatronGenerator` from an HF model directory or an rlp checkpoint.
 
@@ -440,13 +578,14 @@ def load_megatron_generate_fn(
     processes). Initialises ``torch.distributed`` and megatron's parallel state unless they
     exist (same TP size). ``device``: ``None`` = CUDA when available, else CPU; ``"cpu"`` forces
     gloo on CPU. ``dtype``: ``"float32"`` / ``"bfloat16"``; ``None`` = bfloat16 on CUDA,
-    float32 on CPU (as the HF path). ``max_batch_rows`` / ``bucket_gap``: see
+    float32 on CPU (as the HF path). ``max_batch_rows`` / ``bucket_gap`` / ``score_tokens``: see
     :class:`MegatronGenerator`. ``seed`` seeds initialisation only (the weights are then
     overwritten); every generate call samples with its own seed.
     """
     from rlp.config import ConfigError, ParallelConfig
     from rlp.model.build import build_model
-    from rlp.model.convert import ConversionError, hf_to_model_config, load_hf_into_model
+    from rlp.model.hf_bridge import load_hf_into_model
+    from rlp.model.hf_mapping import ConversionError, hf_to_model_config
     from rlp.model.sharded import CheckpointError, is_complete
     from rlp.tokenizer import TokenizerError
 
@@ -500,13 +639,14 @@ def load_megatron_generate_fn(
         top_p=top_p,
         max_batch_rows=max_batch_rows,
         bucket_gap=bucket_gap,
+        score_tokens=score_tokens,
         rank=rank,
         world_size=world,
     )
 
 
 def _hf_source(path: Path, hf_to_model_config: Callable[[Any], Any]) -> tuple[Any, ...]:
-    from rlp.model.convert import read_hf_config
+    from rlp.model.hf_files import read_hf_config
 
     model_cfg = hf_to_model_config(read_hf_config(path))
     return model_cfg, int(model_cfg.vocab_size), path, {}

@@ -26,12 +26,17 @@ therefore produces the same final results as an uninterrupted run (given a deter
 ``generate_fn``). The first line of ``items.jsonl`` records the settings; resuming with different
 output-affecting settings is refused with the list of differences. Final results are always
 rebuilt from ``items.jsonl`` in canonical order, never from in-memory state.
+
+Reasoning quality
+-----------------
+With ``reasoning=ReasoningSettings(...)`` the faithfulness probes and the step information gain
+run after generation over the stored completions (:mod:`rlp.eval.reasoning`), with their own
+journals in the output directory, and add the ``probes`` / ``step_info_gain`` sections.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -61,7 +66,15 @@ from rlp.eval.benchmarks import (
 )
 from rlp.eval.generation import load_generate_fn
 from rlp.eval.grading import STATUSES, MathVerifier, SampleScore, score_math_batch, score_mc
+from rlp.eval.journal import (
+    ResumeMismatchError,
+    append_lines,
+    check_meta,
+    open_journal,
+    read_journal,
+)
 from rlp.eval.prompts import MATH_EXEMPLARS, STOP_STRINGS, build_prompt, truncate_at_stop
+from rlp.eval.reasoning import ReasoningSettings, RunRef, reasoning_results, run_reasoning
 
 __all__ = [
     "EvalSettings",
@@ -84,10 +97,6 @@ RESULTS_FORMAT = "rlp-eval/v1"
 ITEMS_FILE = "items.jsonl"
 
 
-class ResumeMismatchError(RuntimeError):
-    """``items.jsonl`` in the output directory was written with different settings."""
-
-
 class GenerateFnError(RuntimeError):
     """The generate function returned something of the wrong shape or type."""
 
@@ -101,17 +110,26 @@ class EvalSettings:
     temperature: float | None = None
     """Temperature of sampled runs (``None``: the protocol's, 0.6). Greedy runs always use 0."""
     max_new_tokens: int = 2048
+    """Longest completion in tokens (it must leave room for a prompt in the model's positions)."""
     limit: int | None = None
     """Evaluate a fixed-seed random subset of this many items per benchmark."""
     few_shot: int = 0
+    """Exemplars per prompt (0 = zero-shot chain of thought)."""
     batch_size: int = 8
     """Prompts per ``generate_fn`` call; also fixes batch composition and hence seeds."""
     seed: int = 0
+    """Seed of the item subset and of sampling."""
     data_dir: str | None = None
+    """Benchmark data root holding <name>/test.jsonl (``None``: $RLP_BENCHMARK_DIR, else
+    ~/.cache/rlp/benchmarks; layout in docs/evaluation.md)."""
     use_hf: bool = False
+    """Load the test sets from the Hugging Face hub instead (needs internet and ``datasets``)."""
     stop_strings: tuple[str, ...] = STOP_STRINGS
+    """Completions end at the first of these strings."""
     verify_timeout_s: float = 10.0
+    """Seconds per math-verify check; a timeout counts as incorrect."""
     verify_workers: int = 2
+    """Math-verify worker processes."""
 
     def __post_init__(self) -> None:
         if self.num_samples is not None and self.num_samples < 1:
@@ -197,41 +215,7 @@ def batch_seed(seed: int, run_key: str, batch_index: int) -> int:
 
 
 def _read_items_file(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """Meta line and item records; a torn last line (crash mid-write) is cut off the file."""
-    if not path.exists():
-        return None, []
-    raw = path.read_bytes()
-    good_end = 0
-    meta: dict[str, Any] | None = None
-    records: list[dict[str, Any]] = []
-    pos = 0
-    while pos < len(raw):
-        nl = raw.find(b"\n", pos)
-        if nl < 0:
-            break  # no newline: torn write
-        line = raw[pos:nl]
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if obj.get("type") == "meta" and meta is None and not records:
-            meta = obj
-        elif obj.get("type") == "item":
-            records.append(obj)
-        pos = good_end = nl + 1
-    if good_end < len(raw):
-        logger.warning("%s: dropping %d bytes of an unfinished write", path, len(raw) - good_end)
-        with path.open("r+b") as fh:
-            fh.truncate(good_end)
-    return meta, records
-
-
-def _append_lines(path: Path, objs: Sequence[Mapping[str, Any]]) -> None:
-    data = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    return read_journal(path, "item")
 
 
 def check_resumable(out_dir: str | os.PathLike[str], settings: EvalSettings) -> int:
@@ -242,28 +226,13 @@ def check_resumable(out_dir: str | os.PathLike[str], settings: EvalSettings) -> 
     """
     path = Path(out_dir) / ITEMS_FILE
     meta, records = _read_items_file(path)
-    if meta is not None:
-        _check_meta(meta, settings, path)
+    if meta is not None and records:  # a settings line without records binds nothing
+        check_meta(meta, settings.fingerprint(), path)
     elif records:
         raise ResumeMismatchError(
             f"{path} has item records but no settings line; use a new --out directory"
         )
     return len(records)
-
-
-def _check_meta(meta: Mapping[str, Any], settings: EvalSettings, path: Path) -> None:
-    old = meta.get("settings", {})
-    new = json.loads(json.dumps(settings.fingerprint()))
-    diffs = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
-    ]
-    if diffs:
-        raise ResumeMismatchError(
-            f"{path} was written with different settings ({'; '.join(diffs)}). Resume with the "
-            "same settings, or pass a new --out directory (or delete that file) to start over."
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +244,7 @@ def _check_meta(meta: Mapping[str, Any], settings: EvalSettings, path: Path) -> 
 class _Timing:
     generate_s: float = 0.0
     score_s: float = 0.0
+    reasoning_s: float = 0.0
     batches: int = 0
     by_run: dict[str, float] = field(default_factory=dict)
 
@@ -365,36 +335,30 @@ def evaluate(
     progress: bool = True,
     verifier: MathVerifier | None = None,
     write_reports: bool = True,
+    reasoning: ReasoningSettings | None = None,
+    paraphraser: GenerateFn | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) an evaluation and return the results dict (also written to ``out_dir``).
 
-    Writes ``items.jsonl`` incrementally, then ``results.json``, ``summary.md`` and
-    ``accuracy.png`` (see :mod:`rlp.eval.report`). A ``verifier`` may be passed to reuse a
-    running :class:`MathVerifier`; otherwise one is started and stopped here.
+    Writes ``items.jsonl`` incrementally, then ``results.json``, ``summary.md`` and the plots
+    (see :mod:`rlp.eval.report`). A ``verifier`` may be passed to reuse a running
+    :class:`MathVerifier`; otherwise one is started and stopped here. With ``reasoning``
+    (:class:`rlp.eval.reasoning.ReasoningSettings`), the faithfulness probes and the step
+    information gain then run over the completions (``generate_fn`` must be a model from
+    :func:`load_generate_fn`; ``paraphraser`` is the ``generate_fn`` of the paraphrase probe)
+    and their sections join the results.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items_path = out / ITEMS_FILE
-    meta, existing = _read_items_file(items_path)
-    if meta is not None:
-        _check_meta(meta, settings, items_path)
-    elif existing:
-        raise ResumeMismatchError(
-            f"{items_path} has item records but no settings line; use a new --out directory"
-        )
-    else:
-        _append_lines(
-            items_path,
-            [
-                {
-                    "type": "meta",
-                    "format": RESULTS_FORMAT,
-                    "settings": settings.fingerprint(),
-                    "label": label,
-                    "checkpoint": checkpoint,
-                }
-            ],
-        )
+    existing = open_journal(
+        items_path,
+        "item",
+        settings.fingerprint(),
+        format=RESULTS_FORMAT,
+        label=label,
+        checkpoint=checkpoint,
+    )
     done: dict[tuple[str, int], dict[str, Any]] = {}
     for rec in existing:
         done.setdefault((rec["run"], rec["index"]), rec)
@@ -418,16 +382,33 @@ def evaluate(
                 run, items, settings, generate_fn, verifier, items_path, done, timing, progress
             )
             timing.by_run[run.key] = time.monotonic() - t_run
+        if reasoning is not None and reasoning.enabled:
+            t_reasoning = time.monotonic()
+            _run_reasoning_phase(
+                generate_fn,
+                runs,
+                item_cache,
+                settings,
+                reasoning,
+                out,
+                verifier,
+                paraphraser,
+                progress,
+            )
+            timing.reasoning_s = time.monotonic() - t_reasoning
     finally:
         if own_verifier and verifier is not None:
             verifier.close()
 
     _, records = _read_items_file(items_path)
     results = build_results(runs, item_cache, records, settings, label=label, checkpoint=checkpoint)
+    if reasoning is not None and reasoning.enabled:
+        results.update(reasoning_results(_run_refs(runs), item_cache, reasoning, out))
     results["timing"] = {
         "wall_s": round(time.monotonic() - t_start, 3),
         "generate_s": round(timing.generate_s, 3),
         "score_s": round(timing.score_s, 3),
+        "reasoning_s": round(timing.reasoning_s, 3),
         "batches_generated": timing.batches,
         "by_run_s": {k: round(v, 3) for k, v in timing.by_run.items()},
     }
@@ -436,6 +417,46 @@ def evaluate(
 
         _write_reports(results, out)
     return results
+
+
+def _run_refs(runs: Sequence[RunSpec]) -> list[RunRef]:
+    return [RunRef(r.key, r.benchmark, r.mode, r.num_samples) for r in runs]
+
+
+def _run_reasoning_phase(
+    generate_fn: GenerateFn,
+    runs: Sequence[RunSpec],
+    item_cache: Mapping[str, Sequence[BenchmarkItem]],
+    settings: EvalSettings,
+    reasoning: ReasoningSettings,
+    out: Path,
+    verifier: MathVerifier | None,
+    paraphraser: GenerateFn | None,
+    progress: bool,
+) -> None:
+    """Probes and step gain over the generated completions (prompts rebuilt as generated)."""
+    _, records = _read_items_file(out / ITEMS_FILE)
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    for rec in records:
+        by_key.setdefault((rec["run"], rec["index"]), rec)
+    pools = {b: _few_shot_pool(b, settings) for b in item_cache}
+
+    def prompt_for(item: BenchmarkItem) -> str:
+        return build_prompt(item, _num_shots(item.benchmark, settings), pools[item.benchmark])
+
+    run_reasoning(
+        generate_fn,  # type: ignore[arg-type]
+        _run_refs(runs),
+        item_cache,
+        by_key,
+        prompt_for,
+        reasoning,
+        out,
+        generation=settings.fingerprint(),
+        verifier=verifier,
+        paraphraser=paraphraser,
+        progress=progress,
+    )
 
 
 def _run_one(
@@ -509,7 +530,7 @@ def _run_one(
                 }
                 new.append(rec)
                 done[(run.key, i)] = rec
-            _append_lines(items_path, new)
+            append_lines(items_path, new)
             bar.update(len(new))
     finally:
         bar.close()

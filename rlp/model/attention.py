@@ -18,12 +18,20 @@ Mask semantics (megatron's convention: bool, **True = masked**):
   ``is_causal``); with ``sq < sk`` it is the correct mask for a multi-token chunk appended to a KV
   cache. (Megatron's unfused path switches to ``no_mask`` there and lets the chunk attend to its
   own future tokens; callers that need megatron's exact behaviour must pass a mask.)
+
+Rollout hook: while the cascade rollout engine generates (:mod:`rlp.model.cascade`), every layer's
+``rollout_kv`` is a handle to the engine's KV store (:class:`rlp.model.kv_cache.LayerKV`) and
+:meth:`SDPAttention.forward` delegates to it: megatron's ``SelfAttention`` still computes q/k/v
+with its TP linears, QK-norm and RoPE, and the store writes the cache and runs the shared-prefix
+(cascade) attention. The engine sets ``rollout_kv`` back to ``None`` when it leaves generation, so
+training never sees it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +42,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+if TYPE_CHECKING:
+    from rlp.model.kv_cache import LayerKV
 
 
 class SDPAttention(MegatronModule):
@@ -80,6 +91,8 @@ class SDPAttention(MegatronModule):
         self.dropout_p = attention_dropout
         if self.dropout_p is None:
             self.dropout_p = config.attention_dropout
+        self.rollout_kv: LayerKV | None = None
+        """Set by the cascade rollout engine while it generates (see the module docstring)."""
 
     def forward(
         self,
@@ -92,6 +105,25 @@ class SDPAttention(MegatronModule):
         packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         """query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> ``[sq, b, np * hn]``."""
+        if self.rollout_kv is not None:
+            if attention_bias is not None or packed_seq_params is not None:
+                raise ValueError("the rollout KV store takes neither attention bias nor packing")
+            return self.rollout_kv.attend(self, query, key, value, attention_mask, attn_mask_type)
+        return self.attend(
+            query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
+        )
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """The attention itself (what :meth:`forward` runs outside rollouts)."""
         if packed_seq_params is not None:
             raise ValueError("packed sequences need the transformer-engine attention")
         if attention_bias is not None:

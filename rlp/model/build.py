@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -112,21 +113,59 @@ def transformer_config(
     """Megatron ``TransformerConfig`` for a Llama/Qwen3 model (fusions needing TE/Apex off)."""
     dtype = resolve_dtype(model_cfg, device)
     on_cpu = device.type != "cuda"
-    if on_cpu and model_cfg.recompute_activations:
-        raise ConfigError(
-            "model.recompute_activations=true is unsupported on CPU (megatron's checkpointing "
-            "uses the CUDA RNG state); set it to false"
-        )
     if on_cpu and sequence_parallel:
         raise ConfigError("parallel.sequence_parallel=true needs GPU transformer-engine norms")
-    recompute: dict[str, Any] = {}
-    if model_cfg.recompute_activations:
-        recompute = {
+    with warnings.catch_warnings():
+        # model.recompute=selective asks for core-attention recompute on purpose; megatron warns
+        # that a fused TE attention would not need it on every build.
+        warnings.filterwarnings("ignore", message=r".*'core_attn' to recompute.*")
+        return _transformer_config(model_cfg, dtype, on_cpu, tp_size, pp_size, sequence_parallel)
+
+
+def _transformer_config(
+    model_cfg: ModelConfig,
+    dtype: torch.dtype,
+    on_cpu: bool,
+    tp_size: int,
+    pp_size: int,
+    sequence_parallel: bool,
+) -> TransformerConfig:
+    return TransformerConfig(
+        **_architecture(model_cfg),
+        # Parallelism and precision.
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=pp_size,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=on_cpu,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Megatron's default "full" is a deprecated alias of [] that warns on every build.
+        cuda_graph_scope=[],
+        **recompute_settings(model_cfg.recompute),
+    )
+
+
+def recompute_settings(mode: str) -> dict[str, Any]:
+    """``model.recompute`` -> megatron's recompute fields. ``full``: every layer's input is kept
+    and the layer recomputed in backward (uniform, one layer per chunk); ``selective``: only the
+    core attention is recomputed; ``none``: everything is kept. Applies in training mode with
+    grad (the loss pass); on CPU through :mod:`rlp.model.cpu_compat` row 12."""
+    if mode == "full":
+        return {
             "recompute_granularity": "full",
             "recompute_method": "uniform",
             "recompute_num_layers": 1,
         }
-    return TransformerConfig(
+    if mode == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if mode == "none":
+        return {}
+    raise ConfigError(f"model.recompute must be none, selective or full, got {mode!r}")
+
+
+def _architecture(model_cfg: ModelConfig) -> dict[str, Any]:
+    return dict(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
         ffn_hidden_size=model_cfg.ffn_hidden_size,
@@ -152,17 +191,6 @@ def transformer_config(
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        # Parallelism and precision.
-        tensor_model_parallel_size=tp_size,
-        pipeline_model_parallel_size=pp_size,
-        sequence_parallel=sequence_parallel,
-        use_cpu_initialization=on_cpu,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        # Megatron's default "full" is a deprecated alias of [] that warns on every build.
-        cuda_graph_scope=[],
-        **recompute,
     )
 
 
@@ -201,6 +229,22 @@ def _mask_padded_vocab_hook(
     return hook
 
 
+def model_vocab_size(model_cfg: ModelConfig, vocab_size: int) -> int:
+    """The model's real vocabulary: ``model.vocab_size`` when set (it must hold every id of the
+    ``vocab_size``-token tokenizer), else ``vocab_size``. Rows past the tokenizer (Qwen3's
+    checkpoints have 151,936 rows for ~151,670 tokens) stay in the softmax, as in the HF model;
+    only TP padding beyond ``model.vocab_size`` is masked."""
+    if model_cfg.vocab_size is None:
+        return vocab_size
+    if model_cfg.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{vocab_size} tokens (with <think>/</think>); set model.vocab_size to null or to at "
+            f"least {vocab_size}"
+        )
+    return model_cfg.vocab_size
+
+
 def build_model(
     model_cfg: ModelConfig,
     vocab_size: int,
@@ -209,6 +253,9 @@ def build_model(
     sequence_parallel: bool = False,
 ) -> GPTModel:
     """Build this rank's shard of the policy model on ``device`` (unwrapped, no DDP).
+
+    ``vocab_size`` is the tokenizer's (or a checkpoint's) size; ``model.vocab_size``, when set,
+    overrides it (:func:`model_vocab_size`).
 
     Needs megatron's parallel state (:func:`rlp.model.parallel.initialize_model_parallel`); the
     same seed gives the same full weights at any TP size because CPU initialisation draws the
@@ -232,6 +279,7 @@ def build_model(
     config = transformer_config(
         model_cfg, device, tp_size=tp_size, pp_size=pp_size, sequence_parallel=sequence_parallel
     )
+    vocab_size = model_vocab_size(model_cfg, vocab_size)
     padded = padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by, tp_size)
     model = GPTModel(
         config=config,

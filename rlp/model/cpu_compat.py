@@ -1,17 +1,21 @@
 """Runtime shims that let megatron-core 0.16 run on CPU-only torch with gloo.
 
-This module owns every CPU workaround ``rlp`` needs (``docs/megatron-core.md`` §3, rows 1-7 and
-9-11) and nothing else:
+This module owns every CPU workaround ``rlp`` needs (``docs/megatron-core.md`` §3, rows 1-7, 9-11
+and 12) and nothing else:
 
-* :func:`apply` installs rows 1-7, each guarded by ``not torch.cuda.is_available()`` so GPU runs
-  never see them. It is idempotent and must run **before**
+* :func:`apply` installs rows 1-7 and 12, each guarded by ``not torch.cuda.is_available()`` so
+  GPU runs never see them. It is idempotent and must run **before**
   ``tensor_parallel.model_parallel_cuda_manual_seed`` (:mod:`rlp.model.parallel` calls it).
+  Row 12 makes megatron's activation recompute (``model.recompute: selective|full``) run on CPU:
+  its ``CheckpointFunction`` saves and restores the CUDA generator state around the recompute;
+  on CPU there is none (the CPU generator and the tracker's named CPU states are restored by
+  megatron itself), so reading it returns ``None`` and restoring it does nothing.
 * :func:`prepare_optimizer_for_load` / :func:`fix_optimizer_after_load` implement rows 9-11, the
   distributed-optimizer checkpoint-load fixes. They depend on whether megatron fell back to
   ``torch.optim.AdamW`` (no Apex/TE fused Adam), not on CUDA: GPU images without TE need them too.
 
-Row 8 (``current_stream`` stubs) is only needed by megatron-core 0.19 and row 12 only by the
-legacy static inference engine, which ``rlp`` does not use.
+Row 8 (``current_stream`` stubs) is only needed by megatron-core 0.19; the legacy static inference
+engine's workaround is not needed because ``rlp`` does not use that engine.
 """
 
 from __future__ import annotations
@@ -224,7 +228,23 @@ def apply() -> None:
         mrandom._CUDA_RNG_STATE_TRACKER = _tracker_class()()
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
+    # Row 12: activation recompute (``tensor_parallel.checkpoint``) calls
+    # ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` through the module globals in
+    # ``_get_all_rng_states`` / ``_set_all_rng_states``; the CPU state and the tracker's named
+    # states are saved and restored next to them, so the CUDA part can be empty.
+    mrandom._get_cuda_rng_state = _no_cuda_rng_state
+    mrandom._set_cuda_rng_state = _set_no_cuda_rng_state
+
     _APPLIED = True
+
+
+def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
+    """CPU twin of megatron's ``_get_cuda_rng_state``: there is no CUDA generator."""
+    return None
+
+
+def _set_no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
+    """CPU twin of megatron's ``_set_cuda_rng_state``: nothing to restore."""
 
 
 @functools.lru_cache(maxsize=1)

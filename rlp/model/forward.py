@@ -68,6 +68,23 @@ def decoder_hidden(
     )
 
 
+def tree_attention_supported(model: torch.nn.Module) -> bool:
+    """Whether every layer's core attention honours an arbitrary ``attention_mask`` (prefix trees,
+    block-diagonal packing): :class:`rlp.model.attention.SDPAttention` and megatron's unfused
+    ``DotProductAttention`` do; transformer-engine's core attention (fixed mask types) does not,
+    so callers fall back to unpacked causal rows."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from rlp.model.attention import SDPAttention
+
+    gpt = unwrap(model)
+    for layer in gpt.decoder.layers:
+        core = getattr(getattr(layer, "self_attention", None), "core_attention", None)
+        if type(core) not in (SDPAttention, DotProductAttention):
+            return False
+    return True
+
+
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
     """This rank's vocabulary shard of the output projection ``[V/tp, h]`` (tied or not)."""
     gpt = unwrap(model)

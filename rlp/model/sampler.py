@@ -25,16 +25,23 @@ Log-probs (``SamplingParams.logprob_mode``)
     temperature 1 over the full vocabulary: no temperature, top-k/top-p or ``forbid_first``. It
     equals a teacher-forced recompute with the same weights (``rlp.model.logprobs``), which is
     what the RLP importance ratio and the log-prob consistency metric compare against (TRL #3867,
-    verl #2953 recorded temperature-scaled values and got ratios of 2). ``"processed"`` records
-    the log-prob under the distribution actually sampled from (0 for greedy).
+    verl #2953 recorded temperature-scaled values and got ratios of 2). ``"tempered"`` records
+    ``log_softmax(logits / T)`` over the full vocabulary (no top-k/top-p/``forbid_first``): it
+    equals a teacher-forced recompute at the sampling temperature ``T`` (at ``T = 0``, greedy,
+    it equals ``"raw"``). ``"processed"`` records the log-prob under the distribution actually
+    sampled from (0 for greedy).
 
 Randomness and parallelism
-    One ``torch.Generator`` per bucket, seeded from ``(seed, dp_rank, bucket ordinal)``:
-    identical on every TP rank, different across DP ranks. Each step draws exponential noise for
-    all rows of the bucket in a fixed order and takes ``argmax(probs / noise)`` (an exact
-    categorical draw). The draws therefore depend only on the seed and the bucket layout, not on
-    which rows are still running, on the KV cache, or on prefix sharing: prompt ``p`` with ``G``
-    samples draws exactly what ``G`` copies of ``p`` with one sample each draw. Logits are
+    ``Sampler(noise="generator")`` (default): one ``torch.Generator`` per bucket, seeded from
+    ``(seed, dp_rank, bucket ordinal)``: identical on every TP rank, different across DP ranks.
+    Each step draws exponential noise for all rows of the bucket in a fixed order and takes
+    ``argmax(probs / noise)`` (an exact categorical draw). The draws therefore depend only on the
+    seed and the bucket layout, not on which rows are still running, on the KV cache, or on
+    prefix sharing: prompt ``p`` with ``G`` samples draws exactly what ``G`` copies of ``p`` with
+    one sample each draw. ``Sampler(noise="keyed")`` uses :class:`KeyedNoise` instead: counter-
+    based noise hashed from ``(seed, dp_rank, prompt index, sample index, generation step, token
+    id)``, which does not depend on buckets or batch layout at all and is what
+    :mod:`rlp.model.cascade` draws, so both engines sample identical tokens. Logits are
     gathered over TP inside the output layer (``runtime_gather_output=True``; the vocabulary is
     small next to the activations at decode), so all TP ranks sample identical tokens and stop
     at the same step. Padded vocabulary rows carry a -1e4 logit (``rlp.model.build``), so they
@@ -62,7 +69,8 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from rlp.model.build import unwrap
 
-LogprobMode = Literal["raw", "processed"]
+LogprobMode = Literal["raw", "tempered", "processed"]
+NoiseMode = Literal["generator", "keyed"]
 
 
 @dataclass
@@ -86,7 +94,9 @@ class SamplingParams:
     """Ids that may not be the first generated token (RLP: no empty thought)."""
     logprob_mode: LogprobMode = "raw"
     """Recorded log-prob: ``raw`` = unmodified model at temperature 1 (equals a teacher-forced
-    recompute); ``processed`` = the distribution actually sampled from."""
+    recompute); ``tempered`` = ``log_softmax(logits / temperature)`` over the full vocabulary, no
+    top-k/top-p/forbid-first (equals a teacher-forced recompute at that temperature; ``raw`` when
+    greedy); ``processed`` = the distribution actually sampled from."""
     pad_id: int = 0
     """Id written after the end of each row in :attr:`SampleBatch.tokens`."""
 
@@ -104,9 +114,9 @@ class SamplingParams:
             )
         if any(len(s) == 0 for s in self.stop_sequences):
             raise ValueError("SamplingParams.stop_sequences must not contain an empty sequence")
-        if self.logprob_mode not in ("raw", "processed"):
+        if self.logprob_mode not in ("raw", "tempered", "processed"):
             raise ValueError(
-                f"SamplingParams.logprob_mode must be 'raw' or 'processed', "
+                f"SamplingParams.logprob_mode must be 'raw', 'tempered' or 'processed', "
                 f"got {self.logprob_mode!r}"
             )
 
@@ -201,8 +211,10 @@ def choose_tokens(
     """
     processed = process_logits(logits, params, first, forbid_ids)
     tok = draw_tokens(processed, noise)
-    if params.logprob_mode == "raw":
+    if params.logprob_mode == "raw" or (params.logprob_mode == "tempered" and params.greedy):
         source = logits.float()
+    elif params.logprob_mode == "tempered":
+        source = logits.float() / params.temperature
     elif params.greedy:
         return tok, torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)
     else:
@@ -217,15 +229,70 @@ def sampling_generator(seed: int, device: torch.device, stream: int = 0) -> torc
     seeds made DP replicas draw identical rollouts). The seed goes through SHA-256 so that
     nearby ``(seed, rank, stream)`` triples give unrelated streams.
     """
-    dp_rank = (
-        parallel_state.get_data_parallel_rank()
-        if parallel_state.model_parallel_is_initialized()
-        else 0
-    )
-    digest = hashlib.sha256(f"rlp-sampler:{seed}:{dp_rank}:{stream}".encode()).digest()
+    digest = hashlib.sha256(f"rlp-sampler:{seed}:{data_parallel_rank()}:{stream}".encode()).digest()
     gen = torch.Generator(device=device)
     gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     return gen
+
+
+def data_parallel_rank() -> int:
+    """This process's data-parallel rank (0 before megatron's parallel state exists)."""
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_data_parallel_rank()
+    return 0
+
+
+# Odd 32-bit constants as signed int32 (torch has wrapping int32 multiplication, no uint32 maths).
+_FMIX_M1 = 0x85EBCA6B - 2**32
+_FMIX_M2 = 0xC2B2AE35 - 2**32
+_GOLDEN = 0x9E3779B9 - 2**32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on an int32 tensor (wrapping arithmetic, logical shifts):
+    a bijection of the 32-bit integers in which every output bit depends on every input bit."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _FMIX_M1
+    x = x ^ ((x >> 13) & 0x7FFFF)
+    x = x * _FMIX_M2
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _counter(values: torch.Tensor, salt: int) -> torch.Tensor:
+    """Well-mixed int32 key of each integer in ``values`` (any integer dtype) for field ``salt``."""
+    return _fmix32(values.to(torch.int32) * _GOLDEN + salt)
+
+
+class KeyedNoise:
+    """Counter-based Exp(1) noise: one value per (seed, DP rank, prompt, sample, step, token id).
+
+    The value for token ``v`` of sample ``g`` of prompt ``p`` at generation step ``t`` is a hash
+    of those integers only (MurmurHash3 finaliser chain over int32 tensors, so it runs on any
+    device, inside CUDA graphs, without host syncs). Draws therefore do not depend on batch
+    layout, buckets, compaction or which other rows exist; they are identical on TP peers and
+    differ across DP ranks (the rank is part of the seed key). ``u`` has 23 random bits,
+    ``u = (m + 1/2) / 2^23``, so ``E = -log u`` lies in ``[6e-8, 16.6]`` and is never 0.
+    """
+
+    def __init__(self, seed: int, vocab: int, device: torch.device) -> None:
+        digest = hashlib.sha256(f"rlp-noise:{seed}:{data_parallel_rank()}".encode()).digest()
+        self.seed_key = int.from_bytes(digest[:4], "little", signed=True)
+        self.vocab_keys = _counter(torch.arange(vocab, device=device), 4)  # [V] int32
+
+    def row_keys(self, prompt_index: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+        """int32 key [a] of each row from its prompt index and sample index ([a] integers)."""
+        key = _fmix32(_counter(prompt_index, 1) ^ self.seed_key)
+        return _fmix32(key ^ _counter(sample_index, 2))
+
+    def __call__(self, row_keys: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
+        """Exp(1) noise [a, V] fp32 for rows ``row_keys`` [a] at generation step ``step``
+        (an int, or an integer tensor broadcastable to [a]: the row's generated-token index)."""
+        if not isinstance(step, torch.Tensor):
+            step = torch.tensor(step, device=row_keys.device)
+        keys = _fmix32(row_keys ^ _counter(step, 3))  # [a]
+        bits = _fmix32(keys[:, None] ^ self.vocab_keys[None, :])  # [a, V]
+        u = ((bits >> 9) & 0x7FFFFF).float().add_(0.5).mul_(2.0**-23)
+        return u.log_().neg_()
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +304,7 @@ def sampling_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode + no_grad for the duration; restores every submodule's mode afterwards.
 
     Clears megatron's RoPE ``lru_cache`` on entry and exit so tables built for the inference
-    sequence length (the KV cache size) do not linger into training (notes §5).
+    sequence length (the KV cache size) do not linger into training (``docs/megatron-core.md`` §5).
     """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -308,6 +375,42 @@ def plan_buckets(
     return buckets
 
 
+def check_generation(
+    gpt: torch.nn.Module, prompts: list[list[int]], params: SamplingParams
+) -> None:
+    """Raise ``ValueError`` when ``gpt`` cannot generate ``params.max_new_tokens`` after every
+    prompt (pipeline stages, flash decode, too few positions)."""
+    if not (gpt.pre_process and gpt.post_process):
+        raise ValueError("the sampler needs the whole model on this rank (parallel.pp_size=1)")
+    if getattr(gpt.config, "flash_decode", False):
+        raise ValueError("flash_decode is not supported by rlp's sampler; disable it")
+    longest = max((len(p) for p in prompts), default=0) + params.max_new_tokens
+    if longest > gpt.max_sequence_length:
+        raise ValueError(
+            f"a prompt of {longest - params.max_new_tokens} tokens plus max_new_tokens="
+            f"{params.max_new_tokens} exceeds the model's {gpt.max_sequence_length} positions;"
+            " raise model.max_position_embeddings or lower rollout.max_thought_tokens / "
+            "data.max_prefix_tokens"
+        )
+
+
+def empty_batch(device: torch.device) -> SampleBatch:
+    """The result of a call without rows."""
+    empty = torch.zeros(0, 0, dtype=torch.long, device=device)
+    return SampleBatch(
+        tokens=empty,
+        logprobs=empty.float(),
+        lengths=torch.zeros(0, dtype=torch.long, device=device),
+        stopped=torch.zeros(0, dtype=torch.bool, device=device),
+        prompt_index=torch.zeros(0, dtype=torch.long, device=device),
+    )
+
+
+def _padded_vocab(gpt: torch.nn.Module) -> int:
+    """Width of the gathered logits (the padded vocabulary)."""
+    return gpt.vocab_size
+
+
 # --------------------------------------------------------------------------------------------
 # The sampler
 
@@ -323,6 +426,8 @@ class Sampler:
         max_prompt_spread: most tokens between the shortest and longest prompt of a bucket
             (each extra token costs one batched decode step; a new bucket costs a generation).
         compact_below: compact the KV cache when at most this fraction of its rows still runs.
+        noise: ``"generator"`` (one generator stream per bucket) or ``"keyed"``
+            (:class:`KeyedNoise`: independent of buckets and batch layout; the cascade engine's).
     """
 
     def __init__(
@@ -332,6 +437,7 @@ class Sampler:
         max_batch_rows: int | None = None,
         max_prompt_spread: int = 128,
         compact_below: float = 0.5,
+        noise: NoiseMode = "generator",
     ) -> None:
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1 or None, got {max_batch_rows}")
@@ -339,6 +445,9 @@ class Sampler:
             raise ValueError(f"max_prompt_spread must be >= 0, got {max_prompt_spread}")
         if not 0 <= compact_below < 1:
             raise ValueError(f"compact_below must be in [0, 1), got {compact_below}")
+        if noise not in ("generator", "keyed"):
+            raise ValueError(f"noise must be 'generator' or 'keyed', got {noise!r}")
+        self.noise = noise
         self.no_cache = no_cache
         self.max_batch_rows = max_batch_rows
         self.max_prompt_spread = max_prompt_spread
@@ -363,58 +472,43 @@ class Sampler:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         gpt = unwrap(model)
-        self._check_model(gpt, prompts, params)
+        check_generation(gpt, prompts, params)
         device = next(gpt.parameters()).device
         n = len(prompts) * num_samples
         if n == 0:
-            empty = torch.zeros(0, 0, dtype=torch.long, device=device)
-            return SampleBatch(
-                tokens=empty,
-                logprobs=empty.float(),
-                lengths=torch.zeros(0, dtype=torch.long, device=device),
-                stopped=torch.zeros(0, dtype=torch.bool, device=device),
-                prompt_index=torch.zeros(0, dtype=torch.long, device=device),
-            )
+            return empty_batch(device)
         buckets = plan_buckets(
             [len(p) for p in prompts], num_samples, self.max_batch_rows, self.max_prompt_spread
         )
         parts = []
         with sampling_mode(model):
+            keyed = None
+            if not params.greedy and self.noise == "keyed":
+                keyed = KeyedNoise(seed, _padded_vocab(gpt), device)
             for ordinal, bucket in enumerate(buckets):
                 # One stream per bucket: its draws do not depend on how long earlier buckets ran.
-                gen = None if params.greedy else sampling_generator(seed, device, ordinal)
+                gen = None
+                if not params.greedy and keyed is None:
+                    gen = sampling_generator(seed, device, ordinal)
                 part = self._sample_bucket(
-                    model, [prompts[i] for i in bucket], num_samples, params, gen, device
+                    model, bucket, [prompts[i] for i in bucket], num_samples, params, gen, keyed
                 )
                 parts.append((bucket, part))
         return _assemble(parts, len(prompts), num_samples, params.pad_id, device)
 
-    def _check_model(
-        self, gpt: torch.nn.Module, prompts: list[list[int]], params: SamplingParams
-    ) -> None:
-        if not (gpt.pre_process and gpt.post_process):
-            raise ValueError("the sampler needs the whole model on this rank (parallel.pp_size=1)")
-        if getattr(gpt.config, "flash_decode", False):
-            raise ValueError("flash_decode is not supported by rlp's sampler; disable it")
-        longest = max((len(p) for p in prompts), default=0) + params.max_new_tokens
-        if longest > gpt.max_sequence_length:
-            raise ValueError(
-                f"a prompt of {longest - params.max_new_tokens} tokens plus max_new_tokens="
-                f"{params.max_new_tokens} exceeds the model's {gpt.max_sequence_length} positions;"
-                " raise model.max_position_embeddings or lower rollout.max_thought_tokens / "
-                "data.max_prefix_tokens"
-            )
-
     def _sample_bucket(
         self,
         model: torch.nn.Module,
+        prompt_ids: list[int],
         prompts: list[list[int]],
         g: int,
         params: SamplingParams,
         gen: torch.Generator | None,
-        device: torch.device,
+        keyed: KeyedNoise | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode one bucket -> (tokens [n, T], logprobs [n, T], lengths [n], stopped [n])."""
+        """Decode one bucket (``prompt_ids``: the prompts' indices in the call) -> (tokens
+        [n, T], logprobs [n, T], lengths [n], stopped [n])."""
+        device = next(model.parameters()).device
         num_prompts, n = len(prompts), len(prompts) * g
         lens = [len(p) for p in prompts]
         l_min, l_max = min(lens), max(lens)
@@ -435,6 +529,12 @@ class Sampler:
         if params.eos_id is not None:
             stops.append(torch.tensor([params.eos_id], dtype=torch.long, device=device))
         forbid_ids = torch.tensor(params.forbid_first, dtype=torch.long, device=device)
+        row_keys = None
+        if keyed is not None:
+            row_keys = keyed.row_keys(
+                torch.as_tensor(prompt_ids, device=device).repeat_interleave(g),
+                torch.arange(g, device=device).repeat(num_prompts),
+            )
 
         ctx = None
         if self.no_cache:
@@ -453,7 +553,9 @@ class Sampler:
             # logits [a, V] predict position `pos` of every running row.
             gen_idx = pos - plen[rows]  # [a] index among generated tokens; < 0 = still prompt
             noise = None
-            if gen is not None:
+            if row_keys is not None:
+                noise = keyed(row_keys[rows], gen_idx.clamp_min(0))
+            elif gen is not None:
                 # Drawn for all n rows in a fixed order, whatever is still running.
                 noise = torch.empty(n, logits.size(-1), device=device).exponential_(generator=gen)
                 noise = noise[rows] if rows.numel() < n else noise

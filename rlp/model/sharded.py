@@ -5,11 +5,12 @@ directory::
 
     step_0000010/
       dist/            megatron dist checkpoint: "model", "optimizer", "ema" sharded state dicts
-                       (its own metadata.json, common.pt, *.distcp)
+                       (its own metadata.json, common.pt, .metadata, *.distcp)
       tokenizer/       tokenizer files of the run (optional)
       ...              files of rlp.checkpoint (train state, per-rank state, run config)
-      metadata.json    ours: step, contents, layout, architecture, model config, tokenizer hash,
-                       versions
+      files.json       every other file with its size in bytes (verified before loading)
+      metadata.json    ours: step, contents, layout, layer spec, architecture, model config,
+                       tokenizer hash, versions
       COMPLETE         written last; a directory without it is not a checkpoint
 
 Everything is stored in megatron's TP-independent form, so a checkpoint written at one TP/DP
@@ -19,13 +20,20 @@ saved as sharded tensors with the exact sharding of the parameters they shadow (
 
 :func:`load_checkpoint` checks the metadata against the live model *before* megatron runs, so an
 incompatible checkpoint fails with a message naming what differs, not a shape error deep inside
-torch.distributed.checkpoint. ``megatron.core`` is imported lazily: reading metadata is cheap.
+torch.distributed.checkpoint. It also verifies the files against ``files.json`` (a missing or
+truncated shard or rank file raises :class:`DamagedCheckpointError`) and checks megatron's pickled
+``dist/.metadata`` with an allow-list unpickler first (:func:`check_dcp_metadata`; a checkpoint
+that would import anything else raises :class:`UnsafeCheckpointError`). Keys are matched across
+megatron's local and transformer-engine layer specs (:mod:`rlp.model.layer_keys`).
+``megatron.core`` is imported lazily: reading metadata is cheap.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -34,14 +42,21 @@ from typing import Any
 
 import torch
 
+from rlp.model import layer_keys
+
 DIST_SUBDIR = "dist"
+DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's pickled index
 TOKENIZER_SUBDIR = "tokenizer"
+RANK_STATE_DIR = "rank_states"
+RUN_CONFIG_FILE = "config.yaml"
 METADATA_FILE = "metadata.json"
+FILE_LIST = "files.json"
 COMPLETE_MARKER = "COMPLETE"
 FORMAT = "rlp-checkpoint"
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
-# The distributed optimizer's only format that reshards over TP and DP (notes §4 rule 6).
+# The distributed optimizer's only format that reshards over TP and DP
+# (docs/megatron-core.md §4 rule 6).
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 EmaState = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 """EMA tensors keyed by parameter name, or a sequence in ``model.parameters()`` order."""
@@ -53,6 +68,14 @@ class CheckpointError(RuntimeError):
 
 class IncompatibleCheckpointError(CheckpointError):
     """A checkpoint that does not fit the running model/optimizer/tokenizer; names what differs."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A complete checkpoint whose files are missing, truncated or unreadable."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickled files reference code a checkpoint never needs (tampered)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,15 +135,172 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{p} is not a complete rlp checkpoint (needs {METADATA_FILE} and {COMPLETE_MARKER})"
         )
-    meta = json.loads((p / METADATA_FILE).read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        meta = json.loads((p / METADATA_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedCheckpointError(f"checkpoint {p} is damaged: {METADATA_FILE}: {e}") from None
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT
+        or meta.get("format_version", 0) > FORMAT_VERSION
+    ):
         raise CheckpointError(
-            f"{p}/{METADATA_FILE}: format {meta.get('format')!r} v{meta.get('format_version')}; "
+            f"{p}/{METADATA_FILE}: format {_get(meta, 'format')!r} "
+            f"v{_get(meta, 'format_version')}; "
             f"this rlp reads {FORMAT!r} up to v{FORMAT_VERSION}"
         )
     if not (p / DIST_SUBDIR / "metadata.json").is_file():
         raise CheckpointError(f"{p} lacks its megatron dist checkpoint ({DIST_SUBDIR}/)")
     return meta
+
+
+def _get(meta: Any, key: str) -> Any:
+    return meta.get(key) if isinstance(meta, dict) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest and verification
+
+
+def gather_rank_file_sizes(ckpt_dir: str | Path) -> dict[str, int]:
+    """Collective: every rank's :func:`rank_file_sizes`, merged (on every rank)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    own = rank_file_sizes(ckpt_dir, rank)
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return own
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, own)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def rank_file_sizes(ckpt_dir: str | Path, rank: int) -> dict[str, int]:
+    """Sizes of the files this rank wrote itself (its dist shards ``dist/__<rank>_*.distcp`` and
+    its rank state file), relative to ``ckpt_dir``. The writer's own ``stat`` is exact, also on
+    network filesystems whose attribute caches may show other nodes' files late."""
+    root = Path(ckpt_dir)
+    files = list((root / DIST_SUBDIR).glob(f"__{rank}_*.distcp"))
+    files += list((root / RANK_STATE_DIR).glob(f"rank_{rank:05d}.pt"))
+    return {f.relative_to(root).as_posix(): f.stat().st_size for f in files}
+
+
+def write_file_list(ckpt_dir: str | Path, claimed: Mapping[str, int] | None = None) -> Path:
+    """Rank 0, after every rank finished writing: ``files.json`` listing every file of the
+    checkpoint with its size. ``claimed`` (path -> size) are the sizes other ranks reported for
+    their own files (:func:`rank_file_sizes`); everything else is ``stat``-ed here."""
+    root = Path(ckpt_dir)
+    skip = {FILE_LIST, METADATA_FILE, COMPLETE_MARKER}
+    files = dict(claimed or {})
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            if rel not in skip and rel not in files:
+                files[rel] = (Path(dirpath) / name).stat().st_size
+    listing = {"format": "rlp-checkpoint-files", "files": dict(sorted(files.items()))}
+    _fsync_write(root / FILE_LIST, json.dumps(listing, indent=1) + "\n")
+    return root / FILE_LIST
+
+
+def _file_list_problems(path: Path) -> list[str]:
+    file = path / FILE_LIST
+    if not file.is_file():
+        return []  # written before file lists existed: nothing to compare with
+    try:
+        files = json.loads(file.read_text())["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        return [f"{FILE_LIST} is unreadable ({e})"]
+    problems = []
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{rel} has {f.stat().st_size} bytes, {size} were written")
+    return problems
+
+
+# Globals torch.distributed.checkpoint's `.metadata` pickle may reference: its own dataclasses
+# and enums, torch.Size, dtypes / layouts / memory formats, plain containers. Nothing callable
+# beyond constructors of these data types is reachable.
+_DCP_DATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+)
+_DCP_FILESYSTEM_CLASSES = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
+}
+_SAFE_BUILTINS = frozenset(
+    ("set", "frozenset", "list", "dict", "tuple", "slice", "complex", "bytearray", "int", "float")
+    + ("str", "bool", "bytes", "range")
+)
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        obj = None
+        if module == "torch" and (name == "Size" or not name.startswith("_")):
+            candidate = getattr(torch, name, None)
+            if name == "Size" or isinstance(candidate, (torch.dtype, torch.memory_format)):
+                obj = candidate
+        elif module == "torch.serialization" and name == "_get_layout":
+            obj = torch.serialization._get_layout
+        elif module == "collections" and name in ("OrderedDict", "defaultdict"):
+            import collections
+
+            obj = getattr(collections, name)
+        elif module == "builtins" and name in _SAFE_BUILTINS:
+            import builtins
+
+            obj = getattr(builtins, name)
+        elif module in _DCP_DATA_MODULES or (module, name) in _DCP_FILESYSTEM_CLASSES:
+            import importlib
+
+            candidate = getattr(importlib.import_module(module), name, None)
+            if isinstance(candidate, type) and candidate.__module__ == module:
+                obj = candidate  # a dataclass or enum of torch DCP's index
+        if obj is None:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        return obj
+
+
+def check_dcp_metadata(path: str | Path) -> None:
+    """Unpickle ``dist/.metadata`` with an allow-list (torch DCP classes, torch.Size, dtypes)
+    before megatron / torch unpickle it without one: a crafted file raises
+    :class:`UnsafeCheckpointError` instead of running code; an unreadable one
+    :class:`DamagedCheckpointError`."""
+    p = Path(path)
+    file = p / DIST_SUBDIR / DCP_METADATA_FILE
+    if not file.is_file():
+        raise DamagedCheckpointError(f"checkpoint {p} is damaged: {DIST_SUBDIR}/.metadata is gone")
+    try:
+        with open(file, "rb") as f:
+            _DcpMetadataUnpickler(io.BufferedReader(f)).load()
+    except pickle.UnpicklingError as e:
+        if "forbidden global" in str(e):
+            raise UnsafeCheckpointError(
+                f"refusing to load {p}: {DIST_SUBDIR}/.metadata references {str(e).split()[-1]}, "
+                "which no checkpoint needs (a crafted file?); load only trusted checkpoints"
+            ) from None
+        raise DamagedCheckpointError(
+            f"checkpoint {p} is damaged: {DIST_SUBDIR}/.metadata: {e}"
+        ) from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
+        raise DamagedCheckpointError(
+            f"checkpoint {p} is damaged: {DIST_SUBDIR}/.metadata is unreadable ({e!r})"
+        ) from None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise :class:`DamagedCheckpointError` (naming the directory and the files) when a
+    complete checkpoint's files do not match its ``files.json`` or its index is unreadable, and
+    :class:`UnsafeCheckpointError` for a tampered index. Cheap: ``stat`` per file plus one
+    restricted unpickle of ``dist/.metadata``."""
+    p = Path(path)
+    problems = _file_list_problems(p)
+    if problems:
+        more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise DamagedCheckpointError(f"checkpoint {p} is damaged: {'; '.join(problems[:4])}{more}")
+    check_dcp_metadata(p)
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -271,7 +451,7 @@ def _sharded_state_dict(
     from rlp.model import cpu_compat
     from rlp.model.build import unwrap
 
-    gpt = unwrap(model)  # DDP keys carry a "module." prefix (notes §4 rule 5)
+    gpt = unwrap(model)  # DDP keys carry a "module." prefix (``docs/megatron-core.md`` §4 rule 5)
     model_sd = gpt.sharded_state_dict()
     sd: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
@@ -300,13 +480,17 @@ def save_state(
     from megatron.core import dist_checkpointing
 
     from rlp.dist import barrier, is_rank0
+    from rlp.model import writer_processes
 
     target = Path(ckpt_dir) / DIST_SUBDIR
     if is_rank0():
         target.mkdir(parents=True, exist_ok=True)  # dist_checkpointing needs it (rule 4)
     barrier()
     sd = _sharded_state_dict(model, optimizer, ema_state, loading=False)
-    dist_checkpointing.save(sd, str(target))
+    layer_keys.canonicalise_keys(sd)
+    writer_processes.start_writer_service()
+    with writer_processes.writers_die_with_parent():
+        dist_checkpointing.save(sd, str(target))
     return list(sd)
 
 
@@ -332,6 +516,7 @@ def make_metadata(
         "contents": contents,
         "layout": parallel_layout(),
         "distributed_optimizer": optimizer is not None and uses_distributed_optimizer(optimizer),
+        "layer_spec": layer_keys.layer_spec_of(unwrap(model)),
         "architecture": architecture(model),
         "model_config": dict(model_config) if model_config is not None else None,
         "vocab_size": vocab_size or getattr(unwrap(model), "rlp_vocab_size", None),
@@ -414,18 +599,24 @@ def load_checkpoint(
     optimizer: Any = None,
     ema_state: EmaState | None = None,
     tokenizer_hash: str | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Collective: check compatibility, then load model (+ optimizer, + EMA in place).
 
-    Returns the checkpoint's metadata. Loads at any TP/DP layout.
+    Returns the checkpoint's metadata. Loads at any TP/DP layout and under either layer spec
+    (local <-> transformer-engine: ``_extra_state`` entries may be missing or extra, nothing
+    else). ``verify=False`` skips :func:`verify_checkpoint` when the caller just ran it.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     from rlp.model import cpu_compat
     from rlp.model.build import unwrap
 
     path = Path(path)
     meta = read_metadata(path)
+    if verify:
+        verify_checkpoint(path)
     check_compatible(
         meta,
         model=model,
@@ -434,14 +625,25 @@ def load_checkpoint(
         tokenizer_hash=tokenizer_hash,
         where=str(path),
     )
+    gpt = unwrap(model)
     sd = _sharded_state_dict(model, optimizer, ema_state, loading=True)
-    loaded = dist_checkpointing.load(sd, str(path / DIST_SUBDIR))
-    unwrap(model).load_state_dict(loaded["model"], strict=True)
+    layer_keys.canonicalise_keys(sd)
+    saved_spec = meta.get("layer_spec")
+    same_spec = saved_spec in (None, layer_keys.layer_spec_of(gpt))
+    layer_keys.drop_unneeded_extra_state(sd["model"], same_spec=same_spec)
+    dist_dir = str(path / DIST_SUBDIR)
+    saved_keys = {v.key for v in load_sharded_metadata(dist_dir).values()}
+    try:
+        layer_keys.reconcile_request(sd, saved_keys, where=str(path))
+        loaded = dist_checkpointing.load(sd, dist_dir)
+        layer_keys.load_model_state(gpt, loaded["model"])
+    except layer_keys.LayerKeyError as e:
+        raise IncompatibleCheckpointError(f"{path} cannot be loaded: {e}") from None
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         cpu_compat.fix_optimizer_after_load(optimizer)  # row 11
     if ema_state is not None:
-        by_name = _ema_by_name(unwrap(model), ema_state)
+        by_name = _ema_by_name(gpt, ema_state)
         with torch.no_grad():
             for key, value in loaded["ema"].items():
                 by_name[key.removeprefix("ema.")].copy_(value)
@@ -460,7 +662,7 @@ def save_weights_checkpoint(
     """Collective: a weights-only checkpoint (step 0) at ``out_dir``, written to a temporary
     sibling first. Returns the path on rank 0, ``None`` elsewhere."""
     from rlp.dist import barrier, is_rank0
-    from rlp.model.convert import copy_tokenizer_files
+    from rlp.model.hf_files import copy_tokenizer_files
 
     out = Path(out_dir)
     tmp = out.with_name(f"tmp_{out.name}")
@@ -469,6 +671,7 @@ def save_weights_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     contents = save_state(tmp, model=model)
+    claimed = gather_rank_file_sizes(tmp)
     result = None
     if is_rank0():
         if tokenizer_dir is not None:
@@ -482,28 +685,7 @@ def save_weights_checkpoint(
             vocab_size=vocab_size,
             tokenizer_hash=tokenizer_hash,
         )
+        write_file_list(tmp, claimed)
         result = finalize_checkpoint(tmp, out, meta)
     barrier()
     return result
-
-
-def start_checkpoint_writer_service() -> None:
-    """Start megatron's checkpoint-writer helper process now, immune to job signals.
-
-    The torch_dist writer lazily starts a ``multiprocessing`` Manager (spawn) on the first save.
-    SLURM delivers SIGTERM (scancel, pre-emption, time limit) and ``--signal`` to every process of
-    the job, so that helper dies and the checkpoint we save *because of* the signal then fails
-    with ``BrokenPipeError``. Signals set to SIG_IGN stay ignored across exec, so starting the
-    helper while they are ignored makes it survive; the caller's handlers are put back after.
-    """
-    import signal
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    signals = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2]
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
-    try:
-        filesystem_async._get_write_results_queue()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)

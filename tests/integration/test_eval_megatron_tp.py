@@ -70,3 +70,45 @@ def test_tp2_eval_equals_tp1(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert _results(tp2) == _results(tp1)
     for out in (tp2, tp1):
         assert (out / "summary.md").is_file() and (out / "accuracy.png").is_file()
+
+
+REASONING_SCRIPT = REPO_ROOT / "tests" / "integration" / "scripts" / "eval_reasoning_tp.py"
+
+
+def reasoning_records(gen, verifier) -> dict:
+    """Probes (truncate, filler) and step gain on fixed chains (a random tiny model writes none)."""
+    from rlp.eval.probes import ProbeSettings, probe_completions
+    from rlp.eval.step_gain import StepGainSettings, step_gain_completions
+    from tests.unit.test_eval_probes import MATH, MATH_TEXT, MC, MC_TEXT, _completion
+
+    comps = [
+        _completion(MATH, MATH_TEXT, "gsm8k:sampled"),
+        _completion(MC, MC_TEXT, "mmlu:sampled"),
+    ]
+    probes = probe_completions(
+        gen, comps, ProbeSettings(probes=("truncate", "filler")), verifier=verifier
+    )
+    return {"probes": probes, "gain": step_gain_completions(gen, comps[:1], StepGainSettings())}
+
+
+@pytest.mark.integration
+def test_tp2_probes_and_step_gain_equal_tp1(tmp_path: Path) -> None:
+    """Forced greedy answers and teacher-forced scores through a TP=2 generator: rank 0 probes,
+    rank 1 serves every generate and score request."""
+    pytest.importorskip("transformers")
+    from rlp.eval.generation import load_generate_fn
+    from rlp.eval.grading import MathVerifier
+    from tests.unit.test_eval_megatron import build_peaked_llama
+
+    model = build_peaked_llama(tmp_path / "model")
+    out = tmp_path / "tp2.json"
+    run_torchrun(REASONING_SCRIPT, str(model), str(out), nproc=2, timeout=300)
+    tp2 = json.loads(out.read_text(encoding="utf-8"))
+    with MathVerifier(num_workers=1, timeout_s=20) as verifier:
+        tp1 = reasoning_records(load_generate_fn(model, backend="megatron", device="cpu"), verifier)
+    assert all(r["eligible"] for r in tp2["probes"])
+    assert tp2["probes"] == tp1["probes"]
+    (a,), (b,) = tp2["gain"], tp1["gain"]
+    assert a["steps"] == b["steps"] == 2
+    assert max(abs(x - y) for x, y in zip(a["logp"], b["logp"])) < 1e-4
+    assert sum(a["step_gain"]) == a["total_gain"]

@@ -28,13 +28,9 @@ def test_smollm2_logits_match_transformers(
 ) -> None:
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from rlp.model.convert import (
-        ConversionError,
-        convert_smollm2,
-        find_smollm2_gguf,
-        hf_to_model_config,
-        load_hf_into_model,
-    )
+    from rlp.model.gguf_loader import convert_smollm2, find_smollm2_gguf
+    from rlp.model.hf_bridge import load_hf_into_model
+    from rlp.model.hf_mapping import ConversionError, hf_to_model_config
 
     try:
         find_smollm2_gguf()

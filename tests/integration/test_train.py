@@ -71,6 +71,7 @@ def _overrides(demo: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
         f"tokenizer.path={demo / 'tokenizer'}",
         f"data.shards={demo / 'shards' / 'demo-{000000..000003}.tar'}",
         "data.build_demo_if_missing=false",
+        f"eval.shards={demo / 'heldout' / 'heldout-000000.tar'}",  # tiny_cpu evaluates
         *extra,
     ]
 
@@ -125,7 +126,7 @@ def _stable(row: dict) -> dict:
 
 def test_tiny_run_end_to_end(demo, tmp_path):
     run_dir = tmp_path / "run"
-    heldout = demo / "shards" / "demo-000003.tar"
+    heldout = demo / "heldout" / "heldout-000000.tar"
     out = _train(
         _overrides(
             demo,

@@ -13,13 +13,16 @@ Contract (same as ``rlp.trainer``):
 * checkpoints ``checkpoint.dir/step_XXXXXXX/state.json`` (atomic rename, ``latest`` file) every
   ``checkpoint.save_every`` steps and at the end;
 * with ``checkpoint.save_on_signal``: SIGUSR1/SIGTERM set a flag; after the current step it
-  checkpoints and exits 75; ``checkpoint.resume=auto`` resumes from the newest checkpoint;
+  checkpoints and exits 75, except after the final step, which finishes the run (exit 0);
+  ``checkpoint.resume=auto`` resumes from the newest checkpoint;
 * ``RUN_DIR/summary.json`` at the end with ``weights_sha256``: a hash chain over the steps, so a
   resumed run equals an uninterrupted one only if it resumed from the right state.
 
 Each rank also writes ``RUN_DIR/ranks/rank<R>.attempt<A>.json`` (the launch environment it saw).
 Step time: env ``FAKE_STEP_SECONDS`` (default 0.3). ``FAKE_EXIT_75_AT_STEP=N``: on the first
 attempt, checkpoint and exit 75 after step N without any signal (a trainer-initiated requeue).
+``FAKE_HOLD_AT_STEP=N``: on the first attempt, wait after step N (and its checkpoint) until a
+signal arrives (at most 120 s), so that a test's signal lands at step N whatever the CPU load.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ def train(argv: list[str]) -> int:
         save_config(cfg, run_dir / "config.yaml")
     delay = float(os.environ.get("FAKE_STEP_SECONDS", "0.3"))
     exit_at = int(os.environ.get("FAKE_EXIT_75_AT_STEP", "0"))
+    hold_at = int(os.environ.get("FAKE_HOLD_AT_STEP", "0"))
     metrics = open(run_dir / "metrics.jsonl", "a", buffering=1) if rank == 0 else None  # noqa: SIM115
     while step < cfg.run.max_steps:
         t0 = time.perf_counter()
@@ -149,7 +153,14 @@ def train(argv: list[str]) -> int:
                 _save(ckpt_dir, step, weights)
             print(f"[fake] rank {rank}: exit {REQUEUE_EXIT_CODE} at step {step}", flush=True)
             return REQUEUE_EXIT_CODE
+        if step == hold_at and attempt == 0 and flag is not None:
+            deadline = time.monotonic() + 120
+            while flag.name is None and time.monotonic() < deadline:
+                time.sleep(0.05)
         if flag is not None and flag.name is not None:
+            if step == cfg.run.max_steps:  # the run is complete: finish it, no requeue
+                print(f"[fake] rank {rank}: {flag.name} on the final step: done", flush=True)
+                break
             if rank == 0:
                 _save(ckpt_dir, step, weights)
             print(f"[fake] rank {rank}: {flag.name}: checkpointed step {step}", flush=True)

@@ -5,8 +5,9 @@
 * pre-emption: USR1 to the batch shell (what ``--signal=B:USR1@N`` does before the time limit)
   -> checkpoint, exit 75, ``scontrol requeue`` -> the job restarts and resumes from the checkpoint
   it wrote, and ends like the uninterrupted run;
-* the multi-node GPU template on two fake GPUs: torchrun ignores USR1, its workers checkpoint and
-  exit 75, torchrun exits 1, the job still requeues and resumes;
+* the multi-node GPU template on two fake GPUs: one srun task per GPU, USR1 reaches each rank
+  through its task wrapper, the ranks checkpoint and exit 75, srun exits 75, the job requeues and
+  resumes;
 * a failing job is not requeued; a cancelled job stays cancelled.
 
 The first two run the real trainer when it imports (see conftest ``trainer``), the others always
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import subprocess
 import sys
 import time
@@ -187,32 +187,61 @@ def test_preempted_cpu_job_requeues_and_resumes(slurm, reference: Run, tmp_path)
         assert got == want, "resumed run's final weights differ from the uninterrupted run's"
 
 
-def test_gpu_template_torchrun_preemption(slurm, tmp_path) -> None:
-    run_dir = tmp_path / "torchrun"
-    job_id = slurm.submit(
-        ["--nodes", "1", "--gpus-per-node", "2"],
-        run_dir,
-        entry="fake_trainer",
-        **FAKE,
-        **{"run.device": "auto"},
-    )
+def test_gpu_template_preemption(slurm, tmp_path) -> None:
+    """Deterministic under load: the fake trainer holds after its first checkpoint (step 4) until
+    the signal arrives, so the signal never lands on the final step."""
+    run_dir = tmp_path / "gpu"
+    slurm.env["FAKE_HOLD_AT_STEP"] = str(FAKE["checkpoint.save_every"])
+    try:
+        job_id = slurm.submit(
+            ["--nodes", "1", "--gpus-per-node", "2"],
+            run_dir,
+            entry="fake_trainer",
+            **FAKE,
+            **{"run.device": "auto"},
+        )
+    finally:
+        del slurm.env["FAKE_HOLD_AT_STEP"]
     run = Run(run_dir, job_id, {})
     signal_step, rows_before = _preempt(slurm, run, 90)
+    assert signal_step == FAKE["checkpoint.save_every"]
     run.job = slurm.wait(job_id, run_dir, 90)
     _check_resumed(slurm, run, signal_step, rows_before, FAKE["run.max_steps"])
-    events = _events(run_dir)
-    # torchrun exits 1; a worker still exiting when its peer's 75 arrived may be SIGTERMed (-15).
-    assert re.search(r"step exit rc=1 after SIGUSR1 worker exit codes: (-15 )?75", events), events
+    # Every rank exited 75 by itself: srun's exit code reaches the batch shell as it is.
+    assert "step exit rc=75 after SIGUSR1" in _events(run_dir), _events(run_dir)
     envs = [json.loads((run_dir / "ranks" / f"rank{r}.attempt0.json").read_text()) for r in (0, 1)]
     assert [e["RANK"] for e in envs] == ["0", "1"] and {e["WORLD_SIZE"] for e in envs} == {"2"}
+    assert [e["SLURM_PROCID"] for e in envs] == ["0", "1"]
     assert {e["CUDA_DEVICE_MAX_CONNECTIONS"] for e in envs} == {"1"}
-    assert {e["inherited_usr1"] for e in envs} == {"SIG_IGN"}, "torchrun did not ignore USR1"
-    rank_logs = sorted(
-        (run_dir / "logs" / job_id / "attempt0" / "torchrun" / "node0").glob(
-            "*/attempt_0/*/stdout.log"
-        )
+    assert {e["inherited_usr1"] for e in envs} == {"SIG_DFL"}, "USR1 must reach the trainer"
+    attempt = run_dir / "logs" / job_id / "attempt0"
+    assert (attempt / "rank0.log").is_file() and (attempt / "rank1.log").is_file()
+    assert _weights_hash(run_dir) == _fake_weights(FAKE["run.max_steps"])
+
+
+def test_signal_on_the_final_step_finishes_the_run(slurm, tmp_path) -> None:
+    """A signal that arrives with the last step completes the run: exit 0, no requeue."""
+    run_dir = tmp_path / "final"
+    slurm.env["FAKE_HOLD_AT_STEP"] = str(FAKE["run.max_steps"])
+    try:
+        job_id = slurm.submit(["--cpu", "--ntasks", "2"], run_dir, entry="fake_trainer", **FAKE)
+    finally:
+        del slurm.env["FAKE_HOLD_AT_STEP"]
+    slurm.wait(
+        job_id,
+        run_dir,
+        90,
+        until=lambda j: (
+            len(slurm.metrics(run_dir)) >= FAKE["run.max_steps"]
+            or j["JobState"] not in ("RUNNING", "PENDING")
+        ),
     )
-    assert len(rank_logs) == 2
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+    job = slurm.wait(job_id, run_dir, 90)
+    log = slurm.log(run_dir, job_id)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log
+    assert job["Restarts"] == "0", log
+    assert "step exit rc=0 after SIGUSR1" in _events(run_dir)
     assert _weights_hash(run_dir) == _fake_weights(FAKE["run.max_steps"])
 
 
@@ -285,10 +314,10 @@ def test_plain_sbatch_with_environment_parameters(slurm, tmp_path, separator) ->
         assert resolved["run"]["name"] == "plain sbatch"
 
 
-@pytest.mark.parametrize("template", ["cpu", "torchrun"])
+@pytest.mark.parametrize("template", ["cpu", "gpu"])
 def test_trainer_exit_75_requeues_without_a_signal(slurm, tmp_path, template) -> None:
-    """The trainer may ask for a requeue on its own (exit 75 after a checkpoint); under torchrun
-    the batch script reads that from torchrun's failure report."""
+    """The trainer may ask for a requeue on its own (exit 75 after a checkpoint); srun passes the
+    ranks' exit code to the batch script."""
     run_dir = tmp_path / template
     shape = ["--cpu", "--ntasks", "2"] if template == "cpu" else ["--gpus-per-node", "2"]
     slurm.env["FAKE_EXIT_75_AT_STEP"] = "5"

@@ -171,3 +171,44 @@ def test_cli_and_input_errors(tok: Tokenizer, tmp_path: Path, capsys) -> None:
         assert "pyarrow" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--input", str(src), "--docs-per-shard", "2", "--shard-size-mb", "1", *args])
+
+
+def test_huge_documents_are_reported_or_split(tok: Tokenizer, tmp_path: Path, capsys) -> None:
+    long_text = " ".join(generate_texts(40, seed=9))  # one long document
+    src = tmp_path / "in.jsonl"
+    texts = [*generate_texts(5), long_text, *generate_texts(3, seed=1)]
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    whole = [*tok.encode(long_text, parse_special=False), tok.eos_id]
+    assert len(whole) > 1500
+    args = ["--input", str(src), "--tokenizer", tok.path, "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--warn-doc-tokens", "1000"]) == 0
+    err = capsys.readouterr().err
+    assert "1 document(s) have more than 1000 tokens" in err and "--max-doc-tokens" in err
+    assert read_manifest(tmp_path / "a" / "manifest.json").num_docs == 9
+
+    out = tmp_path / "b"
+    assert main([*args, "--out", str(out), "--max-doc-tokens", "500", "--docs-per-shard", "3"]) == 0
+    docs = [t.tolist() for _, t in _read_back(out)]
+    pieces = docs[5 : 5 + -(-(len(whole) - 1) // 499)]
+    assert all(len(p) <= 500 and p[-1] == tok.eos_id for p in pieces)
+    assert sum((p[:-1] for p in pieces), []) + [tok.eos_id] == whole  # nothing lost or added
+    assert len(docs) == 8 + len(pieces)
+
+    # Interrupted between two shards that split the long document: resumes to the same bytes.
+    written: list[str] = []
+
+    def crash(info) -> None:
+        written.append(info.name)
+        if len(written) == 3:  # shard 2 ends inside the long document's pieces
+            raise KeyboardInterrupt
+
+    opts = _opts(tok, tmp_path / "c", docs_per_shard=3, max_doc_tokens=500)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards([src], opts, on_shard=crash)
+    progress = json.loads((tmp_path / "c" / PROGRESS_NAME).read_text())
+    assert progress["positions"][-1] == [5, 4]  # 5 inputs done, 4 pieces of the 6th written
+    again = build_shards([src], opts)
+    reference = read_manifest(out / "manifest.json")
+    assert [(s.name, s.sha256) for s in again.shards] == [
+        (s.name, s.sha256) for s in reference.shards
+    ]

@@ -23,7 +23,7 @@ from rlp.checkpoint import (
     _encode,
 )
 from rlp.config import CheckpointConfig
-from rlp.model import sharded
+from rlp.model import layer_keys, sharded
 from rlp.state import capture_rng, restore_rng
 
 
@@ -181,3 +181,72 @@ def test_publish_updates_latest_and_warns_about_newer_steps(tmp_path: Path) -> N
     # keep_last=1 keeps the newest (10) and never deletes the checkpoint just written (5).
     assert [s for s, _ in m.checkpoints()] == [5, 10]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp_")]
+
+
+# ------------------------------------------------------------------ layer-spec key mapping
+
+
+def test_layer_key_names_map_both_ways() -> None:
+    pairs = {
+        "decoder.layers.3.input_layernorm.weight": (
+            "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
+        ),
+        "decoder.layers.0.pre_mlp_layernorm.weight": (
+            "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"
+        ),
+    }
+    for local, te in pairs.items():
+        assert layer_keys.te_name(local) == te and layer_keys.local_name(te) == local
+    for same in (
+        "decoder.layers.0.mlp.linear_fc1.weight",
+        "decoder.layers.0.self_attention.q_layernorm.weight",
+        "decoder.final_layernorm.weight",
+        "embedding.word_embeddings.weight",
+    ):
+        assert layer_keys.te_name(same) == same == layer_keys.local_name(same)
+    # Sharded keys (layer index folded into the tensor) and optimizer-prefixed keys.
+    assert layer_keys.checkpoint_key("decoder.layers.input_layernorm.weight") == (
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+    )
+    assert layer_keys.checkpoint_key(
+        "optimizer.state.exp_avg.decoder.layers.pre_mlp_layernorm.weight"
+    ) == ("optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.layer_norm_weight")
+
+
+class _Sharded:
+    def __init__(self, key: str, data: object = None) -> None:
+        self.key, self.data = key, data
+
+
+def test_canonicalise_and_extra_state_rules() -> None:
+    request = {
+        "model": {
+            "decoder.layers.0.input_layernorm.weight": _Sharded(
+                "decoder.layers.input_layernorm.weight"
+            ),
+            "decoder.layers.0.self_attention.linear_qkv._extra_state": _Sharded("a._extra_state"),
+            "decoder.layers.0.self_attention.core_attention._extra_state": _Sharded("b", data=1),
+        },
+        "optimizer": [_Sharded("optimizer.state.exp_avg.decoder.layers.pre_mlp_layernorm.weight")],
+    }
+    assert layer_keys.canonicalise_keys(request) == 2
+    assert request["optimizer"][0].key.endswith("mlp.linear_fc1.layer_norm_weight")
+    model = dict(request["model"])
+    assert layer_keys.drop_unneeded_extra_state(model, same_spec=True) == 1  # the None one
+    assert "decoder.layers.0.self_attention.core_attention._extra_state" in model
+    assert layer_keys.drop_unneeded_extra_state(model, same_spec=False) == 1
+    assert list(model) == ["decoder.layers.0.input_layernorm.weight"]
+
+
+def test_only_extra_state_keys_may_be_missing_or_extra() -> None:
+    extra = ["decoder.layers.self_attention.core_attention._extra_state"]
+    layer_keys.check_key_mismatch(extra, extra + ["optimizer.state.x", "ema.decoder.w"], where="c")
+    with pytest.raises(layer_keys.LayerKeyError, match=r"c: the checkpoint lacks \['decoder.w'\]"):
+        layer_keys.check_key_mismatch(["decoder.w"], [], where="c")
+    with pytest.raises(layer_keys.LayerKeyError, match=r"no place for checkpoint tensors"):
+        layer_keys.check_key_mismatch([], ["output_layer.weight"], where="c")
+    module = torch.nn.Linear(2, 2)
+    state = {k: v.clone() for k, v in module.state_dict().items()} | {"x._extra_state": None}
+    layer_keys.load_model_state(module, state)
+    with pytest.raises(layer_keys.LayerKeyError, match="missing \\['bias'\\]"):
+        layer_keys.load_model_state(module, {"weight": state["weight"]})

@@ -27,6 +27,7 @@ SECTIONS = (
     "optim",
     "checkpoint",
     "eval",
+    "benefit",
     "log",
 )
 
@@ -173,3 +174,82 @@ def test_home_is_expanded_in_path_keys(monkeypatch, tmp_path):
     cfg = C.load_config(None, ["checkpoint.init_from=~/models/x", "run.name=~x"])
     assert cfg.checkpoint.init_from == f"{tmp_path}/models/x"
     assert cfg.run.name == "~x"  # not a path key: left alone
+
+
+# Clear errors for bad files and values (issue 15, item 8), also under `rlp train --dry-run`.
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("run:\n  name: x\n  max_steps: [1\nmodel: {}\n", ":4:6: YAML syntax error"),
+        ('run:\n  name: "x\n', ":3:1: YAML syntax error"),
+        ("run:\n\tname: x\n", ":2:1: YAML syntax error"),
+    ],
+)
+def test_yaml_syntax_error_names_file_and_line(tmp_path, text, where):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}{where}"), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n"])
+def test_empty_config_file_is_an_error(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(C.ConfigError, match=f"config file {path} is empty"):
+        C.load_config(path)
+
+
+def test_non_mapping_and_unreadable_files(tmp_path):
+    (tmp_path / "list.yaml").write_text("- run\n")
+    with pytest.raises(C.ConfigError, match="top level must be a mapping"):
+        C.load_config(tmp_path / "list.yaml")
+    (tmp_path / "latin1.yaml").write_bytes(b"run:\n  name: caf\xe9\n")
+    with pytest.raises(C.ConfigError, match="not UTF-8"):
+        C.load_config(tmp_path / "latin1.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=nan", "optim.lr must be a finite number"),
+        ("optim.lr=.inf", "optim.lr must be a finite number"),
+        ("optim.lr=-1e-3", "optim.lr must be >= 0"),
+        ("rollout.temperature=nan", "rollout.temperature must be a finite number"),
+        ("optim.eps=0", "optim.eps must be > 0"),
+        ("optim.beta2=1", "optim.beta2 must be in [0, 1)"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
+        ("optim.max_bad_steps=0", "optim.max_bad_steps must be >= 1"),
+        ("checkpoint.save_every=-5", "checkpoint.save_every must be >= 0"),
+        ("reward.reward_clip=0", "reward.reward_clip must be > 0"),
+        ("reward.span_discount=0", "reward.span_discount must be in (0, 1]"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("model.max_position_embeddings=0", "model.max_position_embeddings must be >= 1"),
+    ],
+)
+def test_value_checks(override, message):
+    with pytest.raises(C.ConfigError) as err:
+        C.load_config(None, [override])
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_value_checks_apply_to_dry_run(tmp_path):
+    """`rlp train --dry-run` prints nothing for a bad value and says what to change."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlp.cli", "train", "--dry-run", "optim.lr=nan"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    error = proc.stderr.strip()
+    assert error == "rlp train: config error: optim.lr must be a finite number, got nan"

@@ -130,39 +130,47 @@ def test_packer_windows_share_one_token_and_add_eos_once() -> None:
     eos = 0
     packer = SequencePacker(seq_len=4, eos_id=eos)
     docs = [np.array([5, 6, 7]), np.array([8, 9, eos]), np.array([10, 11, 12, 13, 14, 15])]
-    for d in docs:
-        packer.add(d)
+    for i, d in enumerate(docs):
+        packer.add(d, origin=f"doc{i}")
     stream = [5, 6, 7, eos, 8, 9, eos, 10, 11, 12, 13, 14, 15, eos]
     assert packer.available == 3
     windows = [packer.pop().tolist() for _ in range(3)]
     assert windows == [stream[0:5], stream[4:9], stream[8:13]]
-    assert packer.state_dict()["buffer"] == stream[12:]
+    # The tail stream[12:] = [15, eos] is document 2 (10..15, eos) without its first 5 tokens.
+    assert packer.origin == "doc2" and packer.state_dict() == {"seq_len": 4, "skip": 5}
     with pytest.raises(ValueError, match="add documents"):
         packer.pop()
 
 
-def test_packer_batches_and_resume() -> None:
+def test_packer_batches_and_resume_from_a_position() -> None:
     docs = [np.arange(1, n + 1) for n in (7, 3, 12, 5, 9, 4, 11, 8, 6)]
 
     def stream(start: int = 0):
-        return iter(SimpleNamespace(tokens=d) for d in docs[start:])
+        return ((d, i) for i, d in enumerate(docs) if i >= start)  # (tokens, origin)
 
     ref_packer = SequencePacker(seq_len=5, eos_id=0)
     ref_docs = stream()
-    ref = [ref_packer.next_batch(ref_docs, 2) for _ in range(4)]
+    ref = [ref_packer.next_batch(ref_docs, 2) for _ in range(6)]
     x, y = ref[0]
     assert x.shape == y.shape == (2, 5) and x.dtype == np.int64
     assert (x[:, 1:] == y[:, :-1]).all() and (x[1:, 0] == y[:-1, -1]).all()
 
-    packer, used = SequencePacker(seq_len=5, eos_id=0), []
-    docs_iter = (used.append(d) or d for d in stream())
-    got = [packer.next_batch(docs_iter, 2)]
-    state = json.loads(json.dumps(packer.state_dict()))
-    resumed = SequencePacker(seq_len=5, eos_id=0)
-    resumed.load_state_dict(state)
-    rest = stream(len(used))
-    got += [resumed.next_batch(rest, 2) for _ in range(3)]
-    for (a, b), (c, d) in zip(got, ref):
-        assert (a == c).all() and (b == d).all()
+    for cut in (1, 2, 3):
+        packer, docs_iter = SequencePacker(seq_len=5, eos_id=0), stream()
+        got = [packer.next_batch(docs_iter, 2) for _ in range(cut)]
+        state = json.loads(json.dumps(packer.state_dict()))
+        origin = packer.origin
+        assert origin is not None and set(state) == {"seq_len", "skip"}
+        resumed = SequencePacker(seq_len=5, eos_id=0)
+        resumed.load_state_dict(state)
+        assert resumed.state_dict() == state  # unchanged until documents arrive
+        rest = stream(origin)  # the caller rewinds its document stream to the origin
+        got += [resumed.next_batch(rest, 2) for _ in range(6 - cut)]
+        for (a, b), (c, d) in zip(got, ref):
+            assert (a == c).all() and (b == d).all()
     with pytest.raises(ValueError, match="ntp_seq_len"):
         SequencePacker(seq_len=6, eos_id=0).load_state_dict(state)
+    bad = SequencePacker(seq_len=5, eos_id=0)
+    bad.load_state_dict({"seq_len": 5, "skip": 50})
+    with pytest.raises(ValueError, match="shards changed"):
+        bad.add(np.arange(1, 4))

@@ -68,27 +68,45 @@ def test_decay_zero_copies_and_decay_one_freezes():
         ema.update(params, decay=1.5)
 
 
-def test_fp32_shadow_of_bf16_model_accumulates_small_steps():
+def test_shadow_is_fp32_for_a_bf16_model_and_narrower_dtypes_are_refused():
     model = _model(dtype=torch.bfloat16)
+    ema = EMA.from_config(EMAConfig(decay=0.999))
+    ema.initialize(list(model.parameters()))
+    assert all(e.dtype == torch.float32 for e in ema.params)
+    assert EMA.from_config(EMAConfig(dtype="float64")).dtype == torch.float64
+    for narrow in (torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match="float32"):
+            EMA(dtype=narrow)
+
+
+def test_bf16_policy_shadow_tracks_an_fp64_recursion_within_fp32_rounding():
+    """tau = 0.999 on a bf16 model drifting a little every step (a bf16 shadow would be stuck:
+    (1 - tau) * step is below bf16's resolution). The fp32 shadow equals the fp64 recursion
+    phi_k = tau phi_{k-1} + (1 - tau) theta_k to within accumulated fp32 rounding."""
+    tau, steps = 0.999, 200
+    model = _model(seed=3, dtype=torch.bfloat16)
     params = list(model.parameters())
-    ema32 = EMA(decay=0.999, dtype=torch.float32)
-    ema16 = EMA(decay=0.999)
-    ema32.initialize(params)
-    ema16.initialize(params)
-    assert all(e.dtype == torch.float32 for e in ema32.params)
-    assert all(e.dtype == torch.bfloat16 for e in ema16.params)
-    start = [e.clone() for e in ema32.params]
-    with torch.no_grad():  # theta drifts 5% away from phi (in bf16)
-        for p in params:
-            p.mul_(1.05)
-    theta = [p.detach().float() for p in params]
-    ema32.update(params)
-    ema16.update(params)
-    for e, s, t in zip(ema32.params, start, theta):
-        torch.testing.assert_close(e, 0.999 * s + 0.001 * t, rtol=1e-6, atol=1e-7)
-        assert ((e != s) | (s == 0)).all()
-    # The increment 5e-5 * |phi| is below bf16's 2^-8 relative resolution: a bf16 shadow is stuck.
-    assert all(torch.equal(e.float(), s) for e, s in zip(ema16.params, start))
+    ema = EMA(decay=tau)
+    ema.initialize(params)
+    exact = [p.detach().double() for p in params]
+    bf16_shadow = [p.detach().clone() for p in params]  # what a policy-dtype shadow would do
+    start = [e.clone() for e in ema.params]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        with torch.no_grad():  # an optimizer-sized drift of theta, stored in bf16
+            for p in params:
+                p.add_(0.01 * torch.randn(p.shape, generator=gen).to(p.dtype))
+            torch._foreach_lerp_(bf16_shadow, [p.detach() for p in params], 1 - tau)
+        ema.update(params)
+        exact = [tau * e + (1 - tau) * p.detach().double() for e, p in zip(exact, params)]
+    for e, x, s0, b in zip(ema.params, exact, start, bf16_shadow):
+        # Each lerp rounds once to fp32 (relative 2^-24); the errors add at most once per step.
+        scale = x.abs().max().item() + 1.0
+        ours = (e.double() - x).abs().max().item()
+        assert ours < steps * 2**-23 * scale
+        assert ((e - s0).abs() > 0).float().mean() > 0.99  # the shadow moved everywhere
+        # The bf16 shadow's error is orders of magnitude larger (most elements never move).
+        assert (b.double() - x).abs().max().item() > 100 * ours
 
 
 def test_state_dict_round_trip():
@@ -129,7 +147,7 @@ def test_copy_to():
         EMA().copy_to(list(target.parameters()))
 
 
-@pytest.mark.parametrize("dtype", [None, torch.float64], ids=["zero_copy", "cast_copy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["zero_copy", "cast_copy"])
 def test_swap_into_runs_forward_with_ema_and_restores(dtype):
     policy, teacher = _model(0), _model(1)
     params = list(policy.parameters())
@@ -148,7 +166,7 @@ def test_swap_into_runs_forward_with_ema_and_restores(dtype):
     assert all(torch.equal(e, t.to(e.dtype)) for e, t in zip(ema.params, teacher.parameters()))
 
 
-@pytest.mark.parametrize("dtype", [None, torch.float64], ids=["zero_copy", "cast_copy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["zero_copy", "cast_copy"])
 def test_swap_into_restores_on_exception(dtype):
     policy, teacher = _model(0), _model(1)
     params = list(policy.parameters())

@@ -1,4 +1,4 @@
-"""Tests for rlp.eval.benchmarks: registry, loaders (fixtures and the real shared files)."""
+"""Tests for rlp.eval.benchmarks: registry, loaders (fixtures; real sets via $RLP_BENCHMARK_DIR)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 
 from rlp.eval.benchmarks import (
     DATA_DIR_ENV,
-    DEFAULT_DATA_DIR,
     LETTERS,
     PAPER_BENCHMARKS,
     REGISTRY,
@@ -20,6 +19,7 @@ from rlp.eval.benchmarks import (
     BenchmarkItem,
     FewShotExample,
     FewShotPool,
+    default_data_dir,
     get_spec,
     load_benchmark,
     load_mmlu_dev,
@@ -129,6 +129,20 @@ def test_resolve_data_dir_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(DATA_DIR_ENV, str(env_dir))
     assert resolve_data_dir() == env_dir.resolve()
     assert resolve_data_dir(tmp_path) == tmp_path.resolve()
+
+
+def test_default_data_dir_is_the_user_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_data_dir() == tmp_path / "cache" / "rlp" / "benchmarks"
+    with pytest.raises(BenchmarkDataError, match="the default"):
+        resolve_data_dir()
+    (tmp_path / "cache" / "rlp" / "benchmarks").mkdir(parents=True)
+    assert resolve_data_dir() == (tmp_path / "cache" / "rlp" / "benchmarks").resolve()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_data_dir() == Path.home() / ".cache" / "rlp" / "benchmarks"
 
 
 def test_missing_data_dir_says_where_and_how(
@@ -269,10 +283,11 @@ def test_missing_dev_split_error(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ real files
 
-REAL_DIR = Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+# The real test sets (layout in docs/evaluation.md), only where $RLP_BENCHMARK_DIR names them.
+REAL_DIR = Path(os.environ.get(DATA_DIR_ENV) or "/nonexistent-rlp-benchmarks")
 real = pytest.mark.skipif(
     not (REAL_DIR / "gsm8k" / "test.jsonl").is_file(),
-    reason=f"shared benchmark data not present at {REAL_DIR}",
+    reason=f"real benchmark data not present (set {DATA_DIR_ENV})",
 )
 
 

@@ -112,6 +112,23 @@ def test_bad_numbers_are_rejected(cli: ModuleType, capsys: pytest.CaptureFixture
     assert "--num-samples" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--probes", "paraphrase"], "--paraphraser"),
+        (["--paraphraser", "m"], "paraphrase probe"),
+        (["--probes", "truncate,bogus"], "unknown probe"),
+        (["--benchmarks", "mmlu", "--step-info-gain"], "math benchmark"),
+        (["--step-info-gain", "--max-steps", "0"], "max_steps"),
+    ],
+)
+def test_reasoning_flag_errors(
+    cli: ModuleType, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--checkpoint", "x", "--benchmarks", "gsm8k", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_compare(cli: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = _results_file(tmp_path / "a.json", "base", 1)
     b = _results_file(tmp_path / "b.json", "rlp", 3)
@@ -119,7 +136,8 @@ def test_compare(cli: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "base (A) vs rlp (B)" in out
     assert "| GSM8K | 25.00 | 75.00 | 50.00 |" in out
-    assert (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8") == out[:-1]
+    assert out.startswith((tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8"))
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["--compare", str(a), str(tmp_path / "none.json")]) == 2
 
 

@@ -263,3 +263,25 @@ def test_cli_end_to_end_and_resume(
     # Different settings on the same --out are refused with a clear message.
     assert cli.main([*argv, "--seed", "3"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_cli_reasoning_probes_on_the_hf_backend(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli = _load_cli()
+    data = _fixture_data(tmp_path / "bench")
+    out = tmp_path / "eval"
+    argv = [
+        "--checkpoint", str(model_dir), "--benchmarks", "gsm8k,mmlu", "--data-dir", str(data),
+        "--num-samples", "2", "--max-new-tokens", "8", "--batch-size", "2", "--backend", "hf",
+        "--out", str(out), "--no-progress", "--verify-workers", "1",
+        "--probes", "truncate,filler,paraphrase", "--paraphraser", str(model_dir),
+        "--step-info-gain",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "Faithfulness probes" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert set(res["probes"]) == {"gsm8k", "mmlu"} and set(res["step_info_gain"]) == {"gsm8k"}
+    assert res["probes"]["gsm8k"]["paraphraser"] == str(model_dir)
+    assert len(res["step_info_gain"]["gsm8k"]["items"]) == 3 * 2
+    assert (out / "probes.jsonl").is_file() and (out / "step_gain.jsonl").is_file()

@@ -100,6 +100,43 @@ def test_stop_strings_cut_like_hf(model_dir: Path, hf_gen, meg_gen: MegatronGene
     assert cut == hf_stopped([PROMPTS[0]], 1, 0.0, 24, 0)[0][0]
 
 
+def test_per_call_stop_strings(hf_gen, meg_gen: MegatronGenerator) -> None:
+    full = meg_gen([PROMPTS[0]], 1, 0.0, 24, 0)[0][0]
+    stop = full[3:5]
+    for gen in (meg_gen, hf_gen):
+        cut = gen([PROMPTS[0]], 1, 0.0, 24, 0, stop_strings=[stop])[0][0]
+        assert cut == full[: full.find(stop)]
+    # The call's stop strings do not stay behind.
+    assert meg_gen([PROMPTS[0]], 1, 0.0, 24, 0)[0][0] == full
+    assert meg_gen.token_stops == meg_gen._token_stops_for(STOP_STRINGS)
+
+
+def test_teacher_forcing_equals_hf_path(hf_gen, meg_gen: MegatronGenerator) -> None:
+    seqs = [meg_gen.encode(p, special=True) + meg_gen.encode(" 7}") for p in PROMPTS]
+    assert seqs[0][0] == BOS_ID and meg_gen.decode(seqs[0]).endswith(" 7}")
+    got, ref = meg_gen.score(seqs), hf_gen.score(seqs)
+    assert [len(row) for row in got] == [len(s) - 1 for s in seqs]
+    assert max(abs(a - b) for g, r in zip(got, ref) for a, b in zip(g, r)) < 1e-4
+    # The HF path is a plain forward + log_softmax.
+    with torch.no_grad():
+        logits = hf_gen.model(torch.tensor([seqs[2]])).logits[0, :-1].float()
+    direct = torch.log_softmax(logits, -1).gather(1, torch.tensor(seqs[2][1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(got[2], dtype=torch.float64), direct.double(), atol=1e-4)
+    best = meg_gen.argmax(seqs)
+    assert best == hf_gen.argmax(seqs)
+    assert best[2] == logits.argmax(-1).tolist()
+    # Micro-batches of one row (a tiny token budget) give the same numbers (up to rounding).
+    meg_gen.score_tokens = 1
+    try:
+        alone = meg_gen.score(seqs)
+        assert max(abs(a - b) for g, r in zip(alone, got) for a, b in zip(g, r)) < 1e-5
+        assert meg_gen.argmax(seqs) == best
+    finally:
+        meg_gen.score_tokens = 4096
+    with pytest.raises(ValueError, match="needs >= 2"):
+        meg_gen.score([[1]])
+
+
 def test_sampling_is_seeded(meg_gen: MegatronGenerator) -> None:
     a = meg_gen(PROMPTS, 3, 1.0, 10, 5)
     assert a == meg_gen(PROMPTS, 3, 1.0, 10, 5)

@@ -10,10 +10,14 @@ import pytest
 
 from rlp.eval.benchmarks import PAPER_BENCHMARKS, BenchmarkItem, get_spec
 from rlp.eval.report import (
+    _draw_early_answering,
+    _draw_pass_at_k,
+    _new_figure,
     aggregate_rows,
     compare_results,
     load_results,
     plot_accuracy,
+    plot_comparison,
     render_markdown,
     write_reports,
 )
@@ -161,3 +165,110 @@ def test_load_results_errors(tmp_path: Path) -> None:
     bad.write_text("{}", encoding="utf-8")
     with pytest.raises(ValueError, match="not an rlp evaluation"):
         load_results(bad)
+
+
+# ------------------------------------------------------------------------------ pass@k curves
+
+
+def _brute_force(n: int, c: int, k: int) -> float:
+    import itertools
+
+    hits = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(hits[i] for i in sub) for sub in subsets) / len(subsets)
+
+
+def test_pass_at_k_curve_is_the_unbiased_estimator() -> None:
+    settings = EvalSettings(num_samples=8)
+    runs = plan_runs(["gsm8k"], settings)
+    counts = [0, 1, 2, 3, 5, 8, 8, 4, 0, 7]
+    items = {"gsm8k": [BenchmarkItem(f"g{i}", "q", None, "1", "gsm8k") for i in range(10)]}
+    records = [
+        {
+            "type": "item", "run": "gsm8k:sampled", "index": i, "id": f"g{i}", "gold": "1",
+            "num_samples": 8, "num_correct": c,
+            "samples": [
+                {"text": "", "extracted": "1", "method": "boxed", "status": st, "detail": ""}
+                for st in ["correct"] * c + ["incorrect"] * (8 - c)
+            ],
+        }
+        for i, c in enumerate(counts)
+    ]  # fmt: skip
+    curve = build_results(runs, items, records, settings)["runs"]["gsm8k:sampled"]["pass_at_k"]
+    assert list(curve) == ["1", "2", "4", "8"]  # k = 1, 2, 4, ... n
+    for k, value in curve.items():
+        expected = 100 * sum(_brute_force(8, c, int(k)) for c in counts) / len(counts)
+        assert value == pytest.approx(expected, abs=1e-9)
+    assert curve["8"] == pytest.approx(80.0)  # items with any correct sample
+
+
+# ------------------------------------------------------------------------------ reasoning + A/B
+
+
+def _with_reasoning(results: dict[str, Any], change: list[float], gain: float) -> dict[str, Any]:
+    out = dict(results)
+    out["probes"] = {
+        "gsm8k": {
+            "run": "gsm8k:sampled", "completions": 40, "probed": 30, "with_reference": 28,
+            "reference_accuracy": 50.0, "reference_agrees_with_completion": 90.0,
+            "truncate": {
+                "fractions": [0.0, 0.25, 0.5, 0.75, 1.0], "change_rate": [*change, 0.0],
+                "accuracy": [10.0, 20.0, 30.0, 40.0, 50.0], "aoc": 30.0,
+            },
+            "filler": {"change_rate": 60.0, "accuracy": 5.0},
+            "items": [],
+        }
+    }  # fmt: skip
+    group = {
+        "chains": 10, "steps": 40, "mean_steps": 4.0, "mean_total_gain": 4 * gain,
+        "mean_step_gain": gain, "positive_steps_pct": 55.0, "mean_logp_start": -9.0,
+        "mean_logp_end": -5.0,
+    }  # fmt: skip
+    out["step_info_gain"] = {
+        "gsm8k": {"run": "gsm8k:sampled", "correct": group, "incorrect": group, "all": group}
+    }
+    return out
+
+
+def test_markdown_has_pass_at_k_probes_and_gain(results_a: dict[str, Any]) -> None:
+    md = render_markdown(_with_reasoning(results_a, [80.0, 60.0, 40.0, 20.0], 0.25))
+    assert "| GSM8K | 50.00 | 66.67 | 80.00 |" in md  # pass@1, @2, @4 of counts 0..4 of 4
+    assert "Faithfulness probes" in md and "| gsm8k | 30 / 40 | 50.00 | 90.00 | 80.00 |" in md
+    assert "Step information gain" in md and "| gsm8k | correct | 10 | 4.0 | 1.000 | 0.250 |" in md
+
+
+def test_comparison_plot_draws_both_results(
+    results_a: dict[str, Any], results_b: dict[str, Any], tmp_path: Path
+) -> None:
+    import sys
+
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    a = _with_reasoning(results_a, [80.0, 60.0, 40.0, 20.0], 0.25)
+    b = _with_reasoning(results_b, [20.0, 10.0, 5.0, 0.0], -0.1)
+    out = plot_comparison(a, b, tmp_path / "cmp.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    sampled = [k for k, r in a["runs"].items() if r["num_samples"] > 1]
+    fig, (ax,) = _new_figure(4, 3)
+    assert _draw_pass_at_k(ax, [("base", a), ("rlp", b)])
+    lines = ax.get_lines()
+    assert len(lines) == 2 * len(sampled)  # both curves of every sampled run on one axis
+    gsm = [ln for ln in lines if "GSM8K" in ln.get_label()]
+    assert [list(ln.get_ydata()) for ln in gsm] == [
+        [r["runs"]["gsm8k:sampled"]["pass_at_k"][k] for k in ("1", "2", "4")] for r in (a, b)
+    ]
+    assert {ln.get_linestyle() for ln in gsm} == {"-", "--"}
+    fig, (ax,) = _new_figure(4, 3)
+    assert _draw_early_answering(ax, [("base", a), ("rlp", b)])
+    assert [list(ln.get_ydata()) for ln in ax.get_lines()] == [
+        [80.0, 60.0, 40.0, 20.0, 0.0],
+        [20.0, 10.0, 5.0, 0.0, 0.0],
+    ]
+    # The library never switches the caller's backend or pulls in pyplot.
+    assert matplotlib.get_backend() == backend
+    assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
+    text = compare_results(a, b)
+    assert "## pass@k" in text and "| base: GSM8K |" in text and "| rlp: GSM8K |" in text
+    assert "| base: gsm8k | 30 / 40 |" in text and "| rlp: gsm8k | correct |" in text

@@ -240,8 +240,10 @@ def test_config_errors_name_the_key() -> None:
     init_single_process()
     with pytest.raises(ConfigError, match="parallel.tp_size"):
         _check_tp_divides(tiny_model_config(num_attention_heads=6, num_query_groups=3), 4)
-    with pytest.raises(ConfigError, match="model.recompute_activations"):
-        transformer_config(tiny_model_config(recompute_activations=True), CPU)
+    with pytest.raises(ConfigError, match="model.recompute"):
+        transformer_config(tiny_model_config(recompute="some"), CPU)
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        build_model(tiny_model_config(vocab_size=TINY_VOCAB - 1), TINY_VOCAB, CPU)
     with pytest.raises(ConfigError, match="model.transformer_impl"):
         build_model(tiny_model_config(transformer_impl="transformer_engine"), TINY_VOCAB, CPU)
 
@@ -287,3 +289,15 @@ def test_cpu_rng_tracker_forks_without_touching_the_default_stream() -> None:
     assert not torch.equal(a, b) and not torch.equal(a, default)
     a2, b2, _ = draws()  # re-seeding reproduces the forked stream
     assert torch.equal(a, a2) and torch.equal(b, b2)
+
+
+def test_model_vocab_size_is_honoured_over_the_tokenizer() -> None:
+    """model.vocab_size (e.g. Qwen3's 151,936 rows for ~151,670 tokens) sizes the embedding and
+    keeps its rows past the tokenizer in the softmax; only TP padding beyond it is masked."""
+    init_single_process()
+    model = build_model(tiny_model_config(vocab_size=300), TINY_VOCAB, CPU)
+    assert model.rlp_vocab_size == 300
+    assert model.embedding.word_embeddings.weight.shape[0] == 320  # padded to a multiple of 64
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]]), None, None)
+    assert (logits[..., 256:300] > -100).all() and (logits[..., 300:] == -1.0e4).all()

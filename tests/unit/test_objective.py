@@ -275,3 +275,25 @@ def test_rl_weight_zero_is_exactly_ntp():
     assert ntp.grad.item() == 1.0
     with pytest.raises(ValueError, match="no loss term"):
         combine_losses(None, None, _cfg(rl_weight=0.0, ntp_weight=1.0, ntp_every=2), step=1)
+
+
+def test_partial_shares_add_up_to_the_whole_objective():
+    """Micro-batch shares (``partial=True``) with the step's global normalisers sum, in value
+    and gradient, to combine_losses of the whole step's means."""
+    cfg = _cfg(rl_weight=0.7, ntp_weight=0.2)
+    gen = torch.Generator().manual_seed(0)
+    rl_parts = torch.randn(3, generator=gen).requires_grad_()  # per-micro-batch sums of L_i
+    ntp_parts = torch.randn(2, generator=gen).requires_grad_()  # per-micro-batch NLL sums
+    n_thoughts, n_tokens = 11.0, 37.0
+    shares = [combine_losses(x / n_thoughts, None, cfg, 0, partial=True) for x in rl_parts]
+    shares += [combine_losses(None, x / n_tokens, cfg, 0, partial=True) for x in ntp_parts]
+    grads = torch.autograd.grad(sum(shares), [rl_parts, ntp_parts])
+    whole = combine_losses(rl_parts.sum() / n_thoughts, ntp_parts.sum() / n_tokens, cfg, 0)
+    want = torch.autograd.grad(whole, [rl_parts, ntp_parts])
+    assert sum(shares).item() == pytest.approx(whole.item(), abs=1e-6)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(ValueError, match="no loss term"):
+        combine_losses(None, None, cfg, 0, partial=True)
+    with pytest.raises(ValueError, match="no RL loss"):
+        combine_losses(None, None, cfg, 0)

@@ -111,6 +111,63 @@ def test_processed_logprobs_are_under_the_sampling_distribution(model):
     assert torch.equal(greedy.logprobs, torch.zeros_like(greedy.logprobs))
 
 
+@pytest.mark.parametrize("noise", ["generator", "keyed"])
+def test_tempered_logprobs_equal_a_recompute_at_the_temperature(model, noise):
+    from rlp.model.sampler import sampling_mode
+
+    kw = dict(g=2, temperature=0.7, top_k=30, top_p=0.9, forbid_first=[1, 2], max_new_tokens=8)
+    tempered = _sample(model, logprob_mode="tempered", sampler_kw={"noise": noise}, **kw)
+    raw = _sample(model, sampler_kw={"noise": noise}, **kw)
+    assert torch.equal(tempered.tokens, raw.tokens)  # the mode changes what is recorded only
+    for row, s in enumerate(tempered.sequences()):
+        prompt = PROMPTS[int(tempered.prompt_index[row])]
+        with sampling_mode(model):
+            logits = model(torch.tensor([prompt + s]), None, None, runtime_gather_output=True)
+        gen_logits = logits[0, len(prompt) - 1 : -1].float()
+        expected = torch.log_softmax(gen_logits / 0.7, -1).gather(1, torch.tensor(s)[:, None])
+        torch.testing.assert_close(
+            tempered.logprobs[row, : len(s)], expected.squeeze(1), atol=1e-4, rtol=0
+        )
+    # Greedy has no tempered distribution: the recorded values are the raw ones.
+    greedy_t = _sample(model, temperature=0.0, max_new_tokens=4, logprob_mode="tempered")
+    greedy_r = _sample(model, temperature=0.0, max_new_tokens=4)
+    _assert_same(greedy_t, greedy_r, atol=0)
+
+
+def test_keyed_noise_is_layout_free_and_exponential():
+    from rlp.model.sampler import KeyedNoise
+
+    noise = KeyedNoise(seed=5, vocab=4096, device=torch.device("cpu"))
+    p = torch.arange(8).repeat_interleave(4)
+    g = torch.arange(4).repeat(8)
+    keys = noise.row_keys(p, g)
+    e = noise(keys, 3)  # [32, 4096]
+    assert e.min() > 0 and torch.isfinite(e).all()
+    # Exp(1): mean 1, variance 1, P(E > 1) = 1/e (1.3e5 values: sigma of the mean is 0.003).
+    assert abs(e.mean().item() - 1) < 0.02 and abs(e.var().item() - 1) < 0.05
+    assert abs((e > 1).float().mean().item() - math.exp(-1)) < 0.01
+    # A row's noise depends on (prompt, sample, step) only: any subset / order gives its values.
+    perm = torch.tensor([7, 30, 2])
+    assert torch.equal(noise(noise.row_keys(p[perm], g[perm]), 3), e[perm])
+    assert torch.equal(noise(keys, torch.full((32,), 3)), e)
+    # ... and differs between steps, samples, seeds.
+    assert not torch.equal(noise(keys, 4), e)
+    assert not torch.equal(e[0], e[1])
+    other = KeyedNoise(seed=6, vocab=4096, device=torch.device("cpu"))
+    assert not torch.equal(other(other.row_keys(p, g), 3), e)
+
+
+def test_keyed_sampler_is_independent_of_buckets_and_prompt_grouping(model):
+    kw = dict(temperature=1.0, top_p=0.95, max_new_tokens=12, stop_sequences=MANY_STOPS)
+    keyed = {"noise": "keyed"}
+    together = _sample(model, g=3, sampler_kw=keyed, **kw)
+    split = _sample(model, g=3, sampler_kw={**keyed, "max_prompt_spread": 0}, **kw)
+    _assert_same(together, split)
+    assert len({tuple(s) for s in together.sequences()[:3]}) > 1  # really sampled
+    generator = _sample(model, g=3, **kw)
+    assert not torch.equal(generator.tokens, together.tokens)  # a different noise source
+
+
 # --------------------------------------------------------------------------------------------
 # (2) KV cache == full recompute; (3) shared prefix == repeated prompts
 

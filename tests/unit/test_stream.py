@@ -8,7 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlp.data.format import CorruptShardError, DataError, TokenizerMismatchError
+from rlp.data.builder import ShardWriter
+from rlp.data.format import (
+    MANIFEST_NAME,
+    CorruptShardError,
+    DataError,
+    Manifest,
+    TokenizerInfo,
+    TokenizerMismatchError,
+    write_manifest,
+)
 from rlp.data.stream import DocumentStream, RLPDataStream
 from tests.data_helpers import ShardSet, data_config, make_shards, tiny_tokenizer
 
@@ -246,12 +255,12 @@ def test_resume_fast_forwards_consumed_shards_unopened(
 
     opened: list[str] = []
 
-    class SpySource(cursor_module.ShardSource):
+    class SpySource(cursor_module.ShardReader):
         def __init__(self, url: str) -> None:
             opened.append(url)
             super().__init__(url)
 
-    monkeypatch.setattr(cursor_module, "ShardSource", SpySource)
+    monkeypatch.setattr(cursor_module, "ShardReader", SpySource)
     full = _keys(_docs(shards, max_epochs=1))
     assert len(opened) == 8
     stream = _docs(shards, max_epochs=1)
@@ -262,3 +271,63 @@ def test_resume_fast_forwards_consumed_shards_unopened(
     assert head + _keys(resumed) == full
     # Only shards holding documents still in the 8-slot shuffle buffer are read again.
     assert 1 <= len(opened) <= 3, opened
+
+
+def test_cursor_stays_tiny_and_resumes_exactly_inside_a_huge_document(tmp_path: Path) -> None:
+    # One 5M-token document (the kind a 10 MB .txt file becomes), then ordinary ones.
+    rng = np.random.default_rng(0)
+    out = tmp_path / "huge"
+    out.mkdir()
+    infos = []
+    for index, lengths in enumerate([[5_000_000], [50, 80, 120], [60, 90]]):
+        writer = ShardWriter(out, "huge", index)
+        for j, n in enumerate(lengths):
+            tokens = np.append(rng.integers(1, 512, n), 0).astype(np.uint16)
+            writer.add(f"{index}-{j}", tokens, {"length": len(tokens)})
+        infos.append(writer.finish())
+    tok = TokenizerInfo("synthetic", "synthetic-0", 512, 0)
+    write_manifest(out / MANIFEST_NAME, Manifest(tok, "uint16", infos, "test"))
+    cfg = data_config(
+        str(out / "huge-{000000..000002}.tar"),
+        shuffle_shards=False,
+        shuffle_buffer=0,
+        ntp_seq_len=64,
+        max_prefix_tokens=64,
+    )
+
+    def make() -> RLPDataStream:
+        return RLPDataStream(cfg.shards, cfg, dp_rank=0, dp_size=1, seed=1, target_tokens=1)
+
+    def step(stream: RLPDataStream) -> list:
+        x, y = stream.next_ntp_batch(4)
+        ctx = [(c.key, c.position, c.prefix) for c in stream.next_contexts(1)]
+        return [x.tolist(), y.tolist(), ctx]
+
+    stream = make()
+    head = [step(stream) for _ in range(3)]
+    state = json.dumps(stream.state_dict())
+    assert len(state) < 4096, len(state)  # a position, not the 5M-token tail
+    assert json.loads(state)["packer"] == {"seq_len": 64, "skip": 3 * 4 * 64}
+    ref = head + [step(stream) for _ in range(3)]
+    stream.close()
+    resumed = make()
+    resumed.load_state_dict(json.loads(state))
+    assert head + [step(resumed) for _ in range(3)] == ref
+    assert len(json.dumps(resumed.state_dict())) < 4096
+
+
+def test_relay_payloads_round_trip_without_pickle() -> None:
+    from rlp.data.contexts import Context
+    from rlp.data.relay import pack, pack_contexts, unpack, unpack_contexts
+
+    contexts = [
+        Context([5, 6, 7], [8], "doc-a", 3, 0),
+        Context([], [9, 10], "dóc/b", 0, 2),
+        Context([1] * 70, [2], "c", 70, 1),
+    ]
+    header, arrays = unpack(pack(*pack_contexts(contexts)))
+    assert unpack_contexts(header, arrays) == contexts
+    windows = np.arange(24, dtype=np.int32).reshape(2, 12)
+    header, (back,) = unpack(pack({"stats": {"documents": 3}}, [windows]))
+    assert header["stats"] == {"documents": 3} and (back == windows).all()
+    assert unpack_contexts(*unpack(pack(*pack_contexts([])))) == []

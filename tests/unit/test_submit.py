@@ -70,7 +70,7 @@ def test_dry_run_renders_4_nodes_8_gpus_tp2(config, capsys, tmp_path: Path) -> N
     script = _dry_run(capsys, config, tmp_path, *GPU_4x8)
     run_dir = tmp_path / "run"
     sb = _sbatch_lines(script)
-    assert sb["--nodes"] == "4" and sb["--ntasks-per-node"] == "1"
+    assert sb["--nodes"] == "4" and sb["--ntasks-per-node"] == "8"  # one srun task per GPU
     assert sb["--gres"] == "gpu:8"
     assert sb["--partition"] == "gpu" and sb["--account"] == "proj"
     assert sb["--time"] == "24:00:00"
@@ -86,7 +86,8 @@ def test_dry_run_renders_4_nodes_8_gpus_tp2(config, capsys, tmp_path: Path) -> N
     assert "export RLP_OVERRIDES=''" in script
     assert "world 32 = TP 2 x PP 1 x DP 16" in script
     assert PARAMS_MARKER not in script
-    assert "torch.distributed.run" in script
+    assert "\nRLP_LAUNCH=gpu\n" in script and "torch.distributed.run" not in script
+    assert f"export RLP_JOB_LIB={REPO / 'rlp' / 'slurm' / 'rlp_job.sh'}" in script
     # sbatch stops reading #SBATCH at the first command: everything before must be comments.
     first = script.splitlines().index(next(x for x in script.splitlines() if x.startswith("#SB")))
     last = max(i for i, x in enumerate(script.splitlines()) if x.startswith("#SBATCH"))
@@ -113,7 +114,7 @@ def test_dry_run_cpu_variant(config, capsys, tmp_path: Path) -> None:
     sb = _sbatch_lines(script)
     assert sb["--nodes"] == "1" and sb["--ntasks-per-node"] == "2"
     assert "--gres" not in sb and sb["--cpus-per-task"] == "1"
-    assert "RLP_NPROC_PER_NODE" not in script and "SLURM_PROCID" in script
+    assert "RLP_NPROC_PER_NODE" not in script and "\nRLP_LAUNCH=cpu\n" in script
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -131,6 +132,7 @@ def test_shell_scripts_are_shellcheck_clean(config, capsys, tmp_path: Path) -> N
     files = [
         REPO / "rlp" / "slurm" / "rlp.sbatch",
         REPO / "rlp" / "slurm" / "rlp_cpu.sbatch",
+        REPO / "rlp" / "slurm" / "rlp_job.sh",
         REPO / "scripts" / "ci" / "local_slurm.sh",
         rendered,
     ]
@@ -324,10 +326,127 @@ def test_latest_checkpoint_ignores_partial_dirs(tmp_path: Path) -> None:
 def test_requeue_exit_code_agrees_with_trainer_and_templates() -> None:
     from rlp.submit import REQUEUE_EXIT_CODE
 
-    for name in ("rlp.sbatch", "rlp_cpu.sbatch"):
-        text = (REPO / "rlp" / "slurm" / name).read_text()
-        assert f"\nREQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}\n" in text, name
+    text = (REPO / "rlp" / "slurm" / "rlp_job.sh").read_text()
+    assert f"\nREQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}\n" in text
     trainer = REPO / "rlp" / "trainer.py"
     if trainer.exists():  # read, not imported: importing the trainer pulls in torch and megatron
         match = re.search(r"^REQUEUE_EXIT_CODE = (\d+)", trainer.read_text(), re.MULTILINE)
         assert match and int(match.group(1)) == REQUEUE_EXIT_CODE
+
+
+# ------------------------------------------------------------------------------------------------
+# Injection: nothing a user passes may become a live line of the job script (issue 15, item 2)
+
+NEWLINE_PAYLOADS = [
+    ["--job-name", "x\ntouch PWNED"],
+    ["--job-name=x\n#SBATCH --uid=0"],
+    ["--sbatch-arg=--constraint=h100\ntouch PWNED"],
+    ["--partition", "gpu\rtouch PWNED"],
+    ["--account", "a\x00b"],
+    ["--qos", "q\x1b[2J"],
+    ["--mem", "1G\u2028touch PWNED"],
+    ["--venv", "/opt/venv\x85x"],
+    ["run.name=x\ntouch PWNED"],
+    ["data.shards=a.tar\n#SBATCH --wrap=id"],
+]
+
+
+@pytest.mark.parametrize("payload", NEWLINE_PAYLOADS, ids=lambda p: repr(p[-1])[:24])
+def test_control_characters_are_refused_in_one_line(
+    config, capsys, tmp_path, monkeypatch, payload
+) -> None:
+    calls = tmp_path / "sbatch_calls"
+    _stub(tmp_path / "bin", "sbatch", f'echo "$@" >> {calls}; echo 1')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    for dry in ([], ["--dry-run"]):
+        rc = submit_main([*config, "--cpu", *payload, f"run.output_dir={tmp_path / 'run'}", *dry])
+        out, err = capsys.readouterr()
+        assert rc == 2, err
+        assert out == "", "no script may be printed"
+        assert len(err.strip().splitlines()) == 1 and "control character" in err, err
+    assert not calls.exists() and not (tmp_path / "run").exists()
+
+
+def test_control_characters_from_the_config_file_are_refused(capsys, tmp_path) -> None:
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text('run:\n  name: "x\\n#SBATCH --uid=0\\ntouch PWNED"\n  device: cpu\n')
+    rc = submit_main(
+        ["--config", str(cfg), "--cpu", f"run.output_dir={tmp_path / 'r'}", "--dry-run"]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "control character" in err, err
+
+
+def test_render_script_refuses_control_characters() -> None:
+    template = f"#!/bin/bash\n#SBATCH --nodes=1\n{PARAMS_MARKER}\necho hi\n"
+    from rlp.config import ConfigError
+
+    for header, params, comment in (
+        (["#SBATCH --job-name=a\nb"], {}, []),
+        ([], {"RLP_VENV": "a\nb"}, []),
+        ([], {}, ["Command: rlp submit 'a\nb'"]),
+    ):
+        with pytest.raises(ConfigError, match="control character"):
+            render_script(template, header, params, comment)
+
+
+SHELL_PAYLOAD = "$(touch PWNED1)`touch PWNED2`';touch PWNED3;'\"$(touch PWNED4)\""
+
+
+@pytest.mark.parametrize("template", ["cpu", "gpu"])
+def test_shell_metacharacters_stay_inert_when_the_script_runs(
+    config, capsys, tmp_path, monkeypatch, template
+) -> None:
+    """Printable payloads are allowed but inert: the rendered script passes ``bash -n`` and, run
+    in a sandbox with stub ``srun``/``scontrol``, executes none of them."""
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    monkeypatch.chdir(sandbox)
+    shape = ["--cpu", "--ntasks", "2"] if template == "cpu" else ["--gpus-per-node", "2"]
+    run_dir = sandbox / f"run{SHELL_PAYLOAD.replace('/', '_')}"
+    bin_dir = sandbox / "bin"
+    _stub(bin_dir, "sbatch", "echo 4242")
+    _stub(bin_dir, "scontrol", "echo localhost")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    argv = [
+        *config,
+        *shape,
+        "--job-name",
+        SHELL_PAYLOAD,
+        "--partition",
+        SHELL_PAYLOAD,
+        "--account",
+        SHELL_PAYLOAD,
+        f"--sbatch-arg=--comment={SHELL_PAYLOAD}",
+        "--venv",
+        str(sandbox / "venv"),
+        f"run.output_dir={run_dir}",
+        f"run.name={SHELL_PAYLOAD}",
+        "parallel.tp_size=2",
+        "run.device=" + ("cpu" if template == "cpu" else "auto"),
+    ]
+    assert submit_main(argv) == 0, capsys.readouterr().err
+    job = run_dir / "slurm" / "job.sbatch"
+    proc = subprocess.run(["bash", "-n", str(job)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    # Execute it: stub srun/scontrol record their arguments; the venv is an empty activate.
+    (sandbox / "venv" / "bin").mkdir(parents=True)
+    (sandbox / "venv" / "bin" / "activate").write_text("")
+    srun_args = sandbox / "srun_args"
+    _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > {shlex.quote(str(srun_args))}; exit 0')
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(sandbox),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_GPUS_ON_NODE": "2",
+    }
+    proc = subprocess.run(
+        ["bash", str(job)], cwd=sandbox, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert srun_args.is_file(), "the script did not reach srun"
+    pwned = [p for p in tmp_path.rglob("PWNED*")]
+    assert not pwned, f"payload executed: {pwned}"
+    assert f"run.output_dir={run_dir}" in srun_args.read_text().splitlines()

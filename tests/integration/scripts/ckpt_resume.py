@@ -30,7 +30,8 @@ from rlp.dist import init_distributed, shutdown
 from rlp.ema import EMA
 from rlp.model import optimizer as mopt
 from rlp.model.build import build_model
-from rlp.model.convert import gather_tp_shards, mcore_shards_to_hf, model_arch
+from rlp.model.hf_bridge import gather_tp_shards, model_arch
+from rlp.model.hf_mapping import mcore_shards_to_hf
 from rlp.model.logprobs import token_logprobs
 from rlp.model.parallel import destroy_model_parallel, initialize_model_parallel
 from rlp.state import restore_rng

@@ -25,7 +25,9 @@ import torch.distributed as tdist
 from rlp.config import ParallelConfig
 from rlp.dist import barrier, init_distributed, shutdown
 from rlp.model.build import build_model
-from rlp.model.convert import convert_main, export_to_hf, hf_to_model_config, load_hf_into_model
+from rlp.model.convert import convert_main
+from rlp.model.hf_bridge import export_to_hf, load_hf_into_model
+from rlp.model.hf_mapping import hf_to_model_config
 from rlp.model.logprobs import token_logprobs
 from rlp.model.parallel import initialize_model_parallel
 

@@ -16,8 +16,9 @@ import torch
 from rlp import dist
 from rlp.config import load_config
 from rlp.data.stream import RLPDataStream
+from rlp.layout import plan_micro_batches, sequence_groups
 from rlp.model import build, optimizer
-from rlp.model.logprobs import token_logprobs
+from rlp.model.logprobs import packed_logprobs
 from rlp.model.parallel import initialize_model_parallel
 from rlp.state import seed_everything
 from rlp.tokenizer import load_tokenizer
@@ -51,10 +52,15 @@ def main(argv: list[str]) -> None:
     for step in range(cfg.run.max_steps):
         inputs, labels = stream.next_ntp_batch(cfg.data.ntp_batch_size)
         optimizer.zero_grad(ddp, opt)
-        mb = cfg.objective.thought_micro_batch
         total = 0.0
-        for first in range(0, len(inputs), mb):
-            logp = token_logprobs(ddp, inputs[first : first + mb], labels[first : first + mb])
+        # The model's log-prob head on causal rows, in token-budget micro-batches.
+        sequences = torch.cat([inputs, labels[:, -1:]], dim=1).tolist()
+        budget = cfg.objective.max_tokens_per_micro_batch
+        for mb in plan_micro_batches(sequence_groups(sequences), budget, share_prefix=False):
+            index = mb.labels[0]
+            (logp,) = packed_logprobs(
+                ddp, mb.input_ids, mb.position_ids, None, [(index.position, index.token, 1.0)]
+            )
             loss = -logp.sum() / labels.numel()
             loss.backward()
             total += float(loss)
