@@ -352,7 +352,11 @@ class EvalConfig:
     every: int = 0
     """Evaluate every N steps, before the first step and after the last; 0 disables."""
     shards: str | None = None
-    """Held-out shard URLs; ``null`` disables."""
+    """Held-out shard URLs; ``null`` disables. Their format (token or text samples) is detected
+    per shard, whatever ``data.format`` says."""
+    manifest: str | None = None
+    """Manifest of the held-out shards; ``null`` = the ``manifest.json`` next to them when there is
+    one (required for ``pipe:`` URLs, like ``data.manifest``)."""
     num_documents: int = 32
     """Held-out documents per evaluation."""
     sample_seed: int | None = None

@@ -132,13 +132,18 @@ class HeldoutEvaluator:
         max_tokens: int,
         device: torch.device,
         benefit_cfg: BenefitConfig | None = None,
+        tp_group: Any = None,
     ) -> None:
         if not eval_cfg.shards:
             raise ValueError("eval.shards is not set: give held-out shard URLs or set eval.every=0")
         self.cfg = eval_cfg
-        # Held-out order must not depend on the training data settings' shuffling or workers.
+        # Held-out order must not depend on the training data settings' shuffling or workers;
+        # the held-out shards have their own manifest and may be token or text shards whatever
+        # the training shards are.
         self.data_cfg = dataclasses.replace(
             data_cfg,
+            manifest=eval_cfg.manifest,
+            format="auto",
             shuffle_shards=False,
             shuffle_buffer=0,
             num_workers=0,
@@ -151,6 +156,8 @@ class HeldoutEvaluator:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.max_tokens = max_tokens
         self.device = device
+        self.tp_group = tp_group
+        """Tensor-parallel group: its first rank reads the held-out shards and relays them."""
         self.num_local = max(1, math.ceil(eval_cfg.num_documents / dp_size))
         self.sample_seed = EVAL_SEED if eval_cfg.sample_seed is None else eval_cfg.sample_seed
         self.filler_ids = filler_token_ids(tokenizer, self.benefit_cfg.filler)
@@ -167,6 +174,8 @@ class HeldoutEvaluator:
             seed=EVAL_SEED,
             target_tokens=self.reward_cfg.target_tokens,
             tokenizer=self.tokenizer,
+            tp_group=self.tp_group,
+            device=self.device,
         )
 
     def run(

@@ -179,6 +179,7 @@ class Trainer:
                 max_tokens=cfg.objective.max_tokens_per_micro_batch,
                 device=self.device,
                 benefit_cfg=cfg.benefit,
+                tp_group=self.ps.tp_group if self.ps.tp_size > 1 else None,
             )
         self.state = TrainState()
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir)

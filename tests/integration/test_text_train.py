@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from rlp.data.builder import main as build_main
 from rlp.data.indexer import main as manifest_main
-from tests.data_helpers import ShardServer, make_text_shards, tiny_tokenizer
+from tests.data_helpers import ShardServer, generate_texts, make_text_shards, tiny_tokenizer
 from tests.model_helpers import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -49,13 +50,31 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def test_train_two_steps_on_webdataset_text_shards(tmp_path: Path) -> None:
+    """``data.format=text`` for training; the held-out shards are pre-tokenised (built by the
+    library's builder with the same tokenizer) and are read as such."""
     tok = tiny_tokenizer(tmp_path)
     texts = make_text_shards(tmp_path, 64, per_shard=8, layout="txt", suffix=".tar.gz")
+    raw = tmp_path / "heldout.jsonl"
+    raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in generate_texts(16, seed=7)))
+    heldout = tmp_path / "heldout"
+    argv = ["--input", str(raw), "--tokenizer", tok.path, "--out", str(heldout)]
+    assert build_main([*argv, "--prefix", "heldout", "--workers", "1", "--no-progress"]) == 0
     run_dir = tmp_path / "run"
-    _train(_overrides(Path(tok.path), texts.pattern, run_dir))
+    overrides = _overrides(Path(tok.path), texts.pattern, run_dir)
+    overrides = [o for o in overrides if not o.startswith("eval.every=")]
+    overrides += [
+        "data.format=text",
+        f"eval.shards={heldout / 'heldout-000000.tar'}",
+        "eval.every=2",
+        "eval.num_documents=4",
+    ]
+    _train(overrides)
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss/total"]) and r["loss/ntp"] > 0 for r in rows)
+    evals = [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2]
+    assert all(math.isfinite(e["eval/nll"]) for e in evals)
 
 
 @pytest.mark.slow
@@ -63,14 +82,19 @@ def test_tp2_over_http_requests_no_more_shards_than_tp1(tmp_path: Path) -> None:
     tok = tiny_tokenizer(tmp_path)
     texts = make_text_shards(tmp_path, 64, per_shard=8, layout="json")
     assert manifest_main(["--shards", texts.pattern]) == 0  # manifest.json beside the shards
+    heldout = make_text_shards(tmp_path, 8, per_shard=8, layout="json", seed=3, name="text/eval")
+    assert manifest_main(["--shards", heldout.pattern]) == 0
     counts = {}
     with ShardServer(texts.dir) as server:
         remote = f"{server.url}/part-{{0000..0007}}.tar"
         for tp in (1, 2):
             server.reset()
             run_dir = tmp_path / f"tp{tp}"
-            overrides = _overrides(Path(tok.path), remote, run_dir)
-            _train([*overrides, f"parallel.tp_size={tp}"], nproc=tp)
+            overrides = [o for o in _overrides(Path(tok.path), remote, run_dir) if "eval." not in o]
+            overrides += [f"eval.shards={server.url}/eval/part-0000.tar", "eval.every=2"]
+            overrides += ["eval.num_documents=4", f"parallel.tp_size={tp}"]
+            _train(overrides, nproc=tp)
             counts[tp] = {k: n for k, n in server.requests.items() if k.endswith(".tar")}
             assert len(_rows(run_dir)) == 2
     assert counts[1] and counts[2] == counts[1]
+    assert any("eval/" in k for k in counts[1])  # held-out shards too: one reader per TP group

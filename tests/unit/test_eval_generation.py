@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -20,6 +19,8 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from rlp.eval.generation import HFGenerator, load_generate_fn  # noqa: E402
 from rlp.eval.runner import EvalSettings, evaluate  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = [
@@ -66,16 +67,6 @@ def _build_tiny_model(path: Path) -> Path:
     model.save_pretrained(path)
     hf_tok.save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    # A 2-layer, d=32 model gains nothing from intra-op threads; on a busy 2-core machine they
-    # only add contention. Restored afterwards so other test modules are unaffected.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -25,22 +25,14 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 from rlp.eval import lm_harness  # noqa: E402
 from rlp.eval.lm_harness import RLPHarnessLM  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONTEXTS = ["Question: What is 2 + 3?\nAnswer:", "Problem: Sam has 3 apples.", "Question: x"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.unit.test_eval_megatron import build_peaked_llama
-
-    return build_peaked_llama(tmp_path_factory.mktemp("peaked_llama"))
+def model_dir(peaked_llama_dir: Path) -> Path:
+    return peaked_llama_dir
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from an rlp checkpoint converted from it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,8 @@ from rlp.eval.megatron_generation import (  # noqa: E402
 )
 from rlp.eval.prompts import STOP_STRINGS  # noqa: E402
 from tests.unit.test_eval_generation import PROMPTS, _build_tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BOS_ID = 0  # <|endoftext|> doubles as BOS, GPT-2 style
 
@@ -50,17 +51,9 @@ def build_peaked_llama(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_peaked_llama(tmp_path_factory.mktemp("peaked_llama"))
+def model_dir(peaked_llama_dir: Path) -> Path:
+    return peaked_llama_dir
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from rlp.eval.probes import (
 )
 from rlp.eval.prompts import build_prompt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MATH = BenchmarkItem("g0", "Sam has 3 apples and buys 4 more. How many?", None, "7", "gsm8k")
 MC = BenchmarkItem(
     "astronomy/0", "Which planet is largest?", ("Mars", "Jupiter", "Venus", "Earth"), "B", "mmlu"
@@ -112,22 +114,9 @@ def test_summarize_probes() -> None:
 # ------------------------------------------------------------------------------ tiny model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("transformers")
-    pytest.importorskip("megatron.core")
-    from tests.unit.test_eval_megatron import build_peaked_llama
-
-    return build_peaked_llama(tmp_path_factory.mktemp("peaked_llama"))
+def model_dir(peaked_llama_dir: Path) -> Path:
+    return peaked_llama_dir
 
 
 @pytest.fixture(scope="module")

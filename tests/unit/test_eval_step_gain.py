@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,8 @@ from rlp.eval.step_gain import (
     step_gains,
     summarize_step_gain,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ITEM = BenchmarkItem("g0", "Sam has 3 apples and buys 4 more. How many?", None, "7", "gsm8k")
 
@@ -78,22 +79,9 @@ def test_on_grid() -> None:
 # ------------------------------------------------------------------------------ tiny model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("transformers")
-    pytest.importorskip("megatron.core")
-    from tests.unit.test_eval_megatron import build_peaked_llama
-
-    return build_peaked_llama(tmp_path_factory.mktemp("peaked_llama"))
+def model_dir(peaked_llama_dir: Path) -> Path:
+    return peaked_llama_dir
 
 
 @pytest.fixture(scope="module")
