@@ -23,16 +23,17 @@ plain temperature sampling (``top_p = 1``, no top-k), generation stops at EOS (e
 model's ``generation_config``) and at the stop strings. Greedy text equals the HF path's up to
 float rounding of the logits (``tests/unit/test_eval_megatron.py``).
 
-Batching: the prompts of a call are decoded together by :class:`rlp.model.sampler.Sampler`,
-which prefills each prompt once and shares its KV cache across its ``num_samples`` rows;
-``max_batch_rows`` caps the rows decoded together (default: all). The sampler keeps every row at
-its true positions, so a decode batch with prompts of different lengths prefills the shortest
-length and feeds the longer prompts' remaining tokens through decode steps, one step per token.
-A batch therefore costs about ``spread + max_new_tokens`` decode steps; splitting it saves the
-length gap at the split but adds a whole decode loop. The prompts of a call, sorted by length,
-are split where two neighbours differ by more than ``bucket_gap`` tokens (default: the call's
-``max_new_tokens``), which minimises the decode steps when rows run to the cap. Batch ``i > 0``
-of a call samples with a seed derived from ``(seed, i)``.
+Batching: the prompts of a call are decoded together by a rollout engine
+(:func:`rlp.model.engine.build_engine`; by default the cascade engine, which prefills each
+prompt at its own length, stores its KV once for its ``num_samples`` rows and decodes the
+ragged batch in about ``max_new_tokens`` steps whatever the prompt lengths; models it cannot
+drive fall back to the reference :class:`rlp.model.sampler.Sampler`). ``max_batch_rows`` caps
+the rows decoded together (default: all). The prompts of a call, sorted by length, are split
+where two neighbours differ by more than ``bucket_gap`` tokens (default: the call's
+``max_new_tokens``, so a call is nearly always one batch). The split matters for the reference
+sampler only: it feeds the longer prompts' remaining tokens through decode steps, so a batch
+costs about ``spread + max_new_tokens`` steps there. Batch ``i > 0`` of a call samples with a
+seed derived from ``(seed, i)``.
 
 Stop strings are matched twice. A stop string that tokenizes *stably* (see
 :func:`token_stop_sequences`; e.g. ``"\\n\\nProblem:"`` for byte-level BPE) also becomes a
@@ -152,7 +153,7 @@ def _group_seed(seed: int, group: int) -> int:
 
 
 class MegatronGenerator:
-    """Callable ``generate_fn`` over a megatron ``GPTModel`` and rlp's KV-cache ``Sampler``.
+    """Callable ``generate_fn`` over a megatron ``GPTModel`` and an rlp rollout engine.
 
     Build it with :func:`load_megatron_generate_fn`. ``tokenizer`` is an
     :class:`rlp.tokenizer.Tokenizer`; its ``transformers`` tokenizer (``tokenizer.hf``) encodes

@@ -11,7 +11,8 @@ Mask semantics (megatron's convention: bool, **True = masked**):
 * ``attention_mask`` given: any bool tensor broadcastable to ``[b, heads, sq, sk]`` (megatron
   passes ``[b, 1, sq, sk]``). It is applied as an additive mask of the dtype's minimum, so a row
   masked everywhere attends uniformly (like megatron's ``masked_fill(-10000)``) instead of
-  producing NaN that would then leak through the values into real positions.
+  producing NaN that would then leak through the values into real positions. The additive copy
+  is made once per mask and shared by all layers (:func:`additive_mask`).
 * ``attention_mask=None`` and ``sq == 1``: no mask (a KV-cache decode step).
 * ``attention_mask=None`` and ``sq > 1``: causal, aligned to the **end** of the keys: query ``i``
   sees keys ``<= sk - sq + i``. With ``sq == sk`` this is the ordinary causal mask (flash kernel via
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +47,67 @@ from megatron.core.utils import divide
 
 if TYPE_CHECKING:
     from rlp.model.kv_cache import LayerKV
+
+
+class _AdditiveMasks:
+    """The additive form of the bool mask of the current forward, made once for all layers.
+
+    Megatron hands every layer the same ``attention_mask`` tensor. Converting it per layer would
+    allocate ``s^2`` elements per layer, and without activation recompute autograd keeps each
+    layer's copy for the backward pass (at a 16,384-token budget: 512 MiB per layer in bf16).
+    One copy per (source mask, dtype, device) is kept until the forward has passed every layer
+    (:func:`release_additive_mask`) or the source tensor is freed; an in-place change of the
+    source (its version counter) invalidates it.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[int, dict[tuple[torch.dtype, torch.device], torch.Tensor]]]
+        self._entries = {}
+
+    def get(self, source: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = id(source)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != source._version:
+            if entry is None:
+                weakref.finalize(source, self._entries.pop, key, None)
+            entry = (source._version, {})
+            self._entries[key] = entry
+        out = entry[1].get((dtype, device))
+        if out is None:
+            out = torch.zeros(source.shape, dtype=dtype, device=device)
+            out.masked_fill_(source.to(device), torch.finfo(dtype).min)
+            entry[1][(dtype, device)] = out
+        return out
+
+    def release(self, source: torch.Tensor) -> None:
+        """Drop the copies of ``source`` (autograd keeps what the backward pass needs)."""
+        self._entries.pop(id(source), None)
+
+
+_ADDITIVE_MASKS = _AdditiveMasks()
+
+
+def additive_mask(
+    attention_mask: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``attention_mask`` (bool, True = masked) as an additive mask: 0 where kept, the dtype's
+    minimum where masked.
+
+    With autograd on, every layer of one forward shares one copy (:class:`_AdditiveMasks`):
+    autograd keeps the mask for the backward pass anyway. Without it (scoring, generation) each
+    layer makes a transient copy that dies with the layer's attention, as a shared one would
+    otherwise stay alive through the MLPs.
+    """
+    if not torch.is_grad_enabled():
+        out = torch.zeros(attention_mask.shape, dtype=dtype, device=device)
+        return out.masked_fill_(attention_mask.to(device), torch.finfo(dtype).min)
+    return _ADDITIVE_MASKS.get(attention_mask, dtype, device)
+
+
+def release_additive_mask(attention_mask: torch.Tensor) -> None:
+    """Forget the additive copy of ``attention_mask`` once a forward has passed every layer, so
+    it does not outlive the layers (e.g. during the log-prob head) unless autograd needs it."""
+    _ADDITIVE_MASKS.release(attention_mask)
 
 
 class SDPAttention(MegatronModule):
@@ -143,8 +206,7 @@ class SDPAttention(MegatronModule):
                 raise TypeError(
                     f"attention_mask must be bool (True = masked), got {attention_mask.dtype}"
                 )
-            mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
-            mask.masked_fill_(attention_mask.to(q.device), torch.finfo(q.dtype).min)
+            mask = additive_mask(attention_mask, q.dtype, q.device)
         elif sq > 1 and not (attn_mask_type == AttnMaskType.no_mask and sq == sk):
             if sq == sk:
                 is_causal = True

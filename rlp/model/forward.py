@@ -61,11 +61,17 @@ def decoder_hidden(
     if not (gpt.pre_process and gpt.post_process):
         raise ValueError("decoder_hidden needs the whole model on this rank (parallel.pp_size=1)")
     hidden = gpt.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
-    return gpt.decoder(
-        hidden_states=hidden,
-        attention_mask=attention_mask,
-        rotary_pos_emb=rotary_at(gpt, position_ids),
-    )
+    try:
+        return gpt.decoder(
+            hidden_states=hidden,
+            attention_mask=attention_mask,
+            rotary_pos_emb=rotary_at(gpt, position_ids),
+        )
+    finally:
+        if attention_mask is not None:
+            from rlp.model.attention import release_additive_mask
+
+            release_additive_mask(attention_mask)
 
 
 def tree_attention_supported(model: torch.nn.Module) -> bool:

@@ -57,3 +57,46 @@ def test_grad_flows_through_explicit_positions() -> None:
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     model.zero_grad(set_to_none=True)
+
+
+def test_layers_share_one_additive_mask_per_forward() -> None:
+    """The bool tree mask becomes one additive tensor for every layer of a forward (not one
+    per layer kept for backward); an in-place change or a new mask gives a new one, and it is
+    released with its source."""
+    from rlp.model import attention
+
+    model = build_tiny_model(seed=5)
+    seen: list[torch.Tensor] = []
+    original = attention.additive_mask
+
+    def spy(mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        out = original(mask, dtype, device)
+        seen.append(out)
+        return out
+
+    s = 9
+    mask = ~torch.ones(s, s, dtype=torch.bool).tril()
+    mask[6:, 3:6] = True  # a second branch that does not see the first one
+    ids, pos = _ids(1, s, 4), torch.arange(s)[None]
+    tree = mask[None, None]
+    attention.additive_mask = spy
+    try:
+        decoder_hidden(model, ids, pos, tree).sum().backward()
+    finally:
+        attention.additive_mask = original
+    assert len(seen) == 2 and seen[0] is seen[1]  # two layers, one tensor
+    assert id(tree) not in attention._ADDITIVE_MASKS._entries  # released after the layers
+    assert torch.equal(seen[0] == 0, ~mask[None, None])
+    assert seen[0][0, 0, 0, 1] == torch.finfo(torch.float32).min
+
+    first = attention.additive_mask(mask, torch.float32, torch.device("cpu"))
+    assert attention.additive_mask(mask, torch.float32, torch.device("cpu")) is first
+    assert attention.additive_mask(mask, torch.float64, torch.device("cpu")) is not first
+    mask[8, 0] = True  # in place: a new version
+    changed = attention.additive_mask(mask, torch.float32, torch.device("cpu"))
+    assert changed is not first and changed[8, 0] < 0
+    with torch.no_grad():  # scoring: a transient copy per layer, nothing kept
+        assert attention.additive_mask(mask, torch.float32, torch.device("cpu")) is not changed
+    before = len(attention._ADDITIVE_MASKS._entries)
+    del mask, tree  # (the view keeps its base alive)
+    assert len(attention._ADDITIVE_MASKS._entries) == before - 1

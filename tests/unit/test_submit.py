@@ -134,6 +134,7 @@ def test_shell_scripts_are_shellcheck_clean(config, capsys, tmp_path: Path) -> N
         REPO / "rlp" / "slurm" / "rlp_cpu.sbatch",
         REPO / "rlp" / "slurm" / "rlp_job.sh",
         REPO / "scripts" / "ci" / "local_slurm.sh",
+        REPO / "benchmarks" / "gpu_suite.sh",
         rendered,
     ]
     proc = subprocess.run(["shellcheck", *map(str, files)], capture_output=True, text=True)
