@@ -1,4 +1,5 @@
-"""Fixtures shared by the evaluation tests that run tiny Hugging Face / megatron models."""
+"""Fixtures shared by the evaluation tests that run tiny Hugging Face / megatron models
+(``meg`` and ``hf`` load the ``model_dir`` fixture of the requesting module)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,20 @@ def peaked_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.unit.test_eval_megatron import build_peaked_llama
 
     return build_peaked_llama(tmp_path_factory.mktemp("peaked_llama"))
+
+
+@pytest.fixture(scope="module")
+def meg(model_dir: Path):
+    """The megatron backend's ``generate_fn`` over the module's ``model_dir``."""
+    from rlp.eval.generation import load_generate_fn
+
+    return load_generate_fn(model_dir, backend="megatron", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir: Path):
+    """The transformers backend's ``generate_fn`` over the module's ``model_dir`` (modules may
+    define their own ``hf``)."""
+    from rlp.eval.generation import load_generate_fn
+
+    return load_generate_fn(model_dir, backend="hf", device="cpu")

@@ -120,20 +120,6 @@ def model_dir(peaked_llama_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def meg(model_dir: Path):
-    from rlp.eval.generation import load_generate_fn
-
-    return load_generate_fn(model_dir, backend="megatron", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def hf(model_dir: Path):
-    from rlp.eval.generation import load_generate_fn
-
-    return load_generate_fn(model_dir, backend="hf", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def verifier() -> Iterator[Any]:
     pytest.importorskip("math_verify")
     from rlp.eval.grading import MathVerifier

@@ -84,20 +84,6 @@ def model_dir(peaked_llama_dir: Path) -> Path:
     return peaked_llama_dir
 
 
-@pytest.fixture(scope="module")
-def meg(model_dir: Path):
-    from rlp.eval.generation import load_generate_fn
-
-    return load_generate_fn(model_dir, backend="megatron", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def hf(model_dir: Path):
-    from rlp.eval.generation import load_generate_fn
-
-    return load_generate_fn(model_dir, backend="hf", device="cpu")
-
-
 def _direct_logp(hf, context: str, target: str) -> float:
     """log p(target | context) by one plain transformers forward."""
     import torch
