@@ -84,7 +84,13 @@ def slurm_cluster() -> Any:
 @pytest.fixture(scope="session")
 def trainer() -> Trainer:
     # Both kinds can run the fake trainer: the launcher-only tests use it explicitly.
-    env = {"PYTHONPATH": os.pathsep.join([str(FAKE_DIR), str(REPO)]), "FAKE_STEP_SECONDS": "0.4"}
+    # RLP_STOP_POLL: the task wrappers look for the pre-emption stop file every 0.2 s (2 s in
+    # production), so a signal reaches the trainer well before its run would end anyway.
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(FAKE_DIR), str(REPO)]),
+        "FAKE_STEP_SECONDS": "0.4",
+        "RLP_STOP_POLL": "0.2",
+    }
     fake = Trainer(real=False, reason="", entry="fake_trainer", env=env)
     choice = os.environ.get("RLP_SLURM_TRAINER", "auto")
     if choice not in ("auto", "real", "fake"):
@@ -95,7 +101,10 @@ def trainer() -> Trainer:
     if importlib.util.find_spec("rlp.trainer") is None:
         fake.reason = "rlp/trainer.py does not exist yet"
         return fake
-    real = Trainer(real=True, reason="", env=env, steps=6, save_every=2)
+    # The tiny real trainer takes ~0.35 s per step on an idle machine: the pre-emption tests
+    # signal at the first checkpoint (step 4), so 36 steps (~12 s) remain for the signal to
+    # arrive, against ~1.5 s of polling latency (test 0.5 s, task wrapper 0.2 s).
+    real = Trainer(real=True, reason="", env=env, steps=40, save_every=4)
     if choice == "real":
         real.reason = "RLP_SLURM_TRAINER=real"
         return real
