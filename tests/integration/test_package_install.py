@@ -59,10 +59,12 @@ def test_wheel_installs_and_runs_from_any_directory(tmp_path: Path) -> None:
             env,
         ).strip()
     )
-    deps = next(
-        p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir()
-    )
-    (site / "zz_project_deps.pth").write_text(f"{deps}\n")
+    # Every site-packages this interpreter sees, in order: the project venv's, and on machines
+    # whose venv was made with --system-site-packages (an existing torch, as on GPU images, or
+    # a bootstrap run from inside another venv) the base interpreter's as well.
+    deps = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    assert any((Path(p) / "torch").is_dir() for p in deps), deps
+    (site / "zz_project_deps.pth").write_text("".join(f"{p}\n" for p in deps))
 
     work = tmp_path / "elsewhere"
     work.mkdir()
